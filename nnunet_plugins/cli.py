@@ -1,0 +1,37 @@
+"""The ``nnunet-plugins`` command (also ``python -m nnunet_plugins``).
+
+Each sub-command lives in its own module under ``nnunet_plugins.commands`` and exposes
+``add_parser(subparsers)``, which registers the sub-command and sets ``func`` on its parser. Heavy
+imports (torch, nnU-Net) happen inside the handlers, so ``nnunet-plugins --help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = (
+    "nnunet_plugins.commands.listing",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnunet-plugins",
+        description="Research segmentation methods and challenge tooling as plugins for nnU-Net v2.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

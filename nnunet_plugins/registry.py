@@ -1,0 +1,66 @@
+"""What the package provides, described as data (one table, as timm's model registry).
+
+Each ``Method`` names its paper and the dotted paths of the trainers, networks and planners that make
+it. Nothing here imports torch or nnU-Net; ``resolve`` imports an entry on demand. A new method is a
+new row here plus its modules; ``nnunet-plugins list`` prints this table and the tests check that
+every path resolves and every trainer is visible to nnU-Net's trainer discovery.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    paper: str
+    summary: str
+    trainers: tuple[str, ...] = ()
+    networks: tuple[str, ...] = ()
+    planners: tuple[str, ...] = ()
+    dimensions: tuple[str, ...] = ("3d",)
+    extras: dict = field(default_factory=dict)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+register(Method(
+    name="CoTr",
+    paper="Xie, Zhang, Shen, Xia. CoTr: Efficiently Bridging CNN and Transformer for 3D Medical Image "
+          "Segmentation. MICCAI 2021",
+    summary="CNN encoder + deformable transformer (DeTrans) over two feature levels + additive-skip decoder",
+    trainers=("nnunet_plugins.trainers.cotr.CoTrTrainer",),
+    networks=("nnunet_plugins.architectures.cotr.CoTr",),
+    planners=("nnunet_plugins.planners.cotr.CoTrPlanner",),
+    dimensions=("3d",),
+))
+
+
+def resolve(dotted: str):
+    """Import ``package.module.Name`` and return ``Name``."""
+    module_name, _, attribute = dotted.rpartition(".")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attribute)
+    except AttributeError as e:
+        raise ImportError(f"{module_name} has no attribute {attribute!r} (registry entry {dotted})") from e
+
+
+def all_trainer_paths() -> list[str]:
+    return [t for m in METHODS.values() for t in m.trainers]
+
+
+def find_method(name: str) -> Method:
+    for key, method in METHODS.items():
+        if key.lower() == name.lower():
+            return method
+    raise KeyError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
