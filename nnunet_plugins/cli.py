@@ -12,6 +12,7 @@ import sys
 
 COMMAND_MODULES = (
     "nnunet_plugins.commands.listing",
+    "nnunet_plugins.commands.synthetic",
 )
 
 
@@ -29,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+        # user errors (bad arguments, missing files) are reported as one clear line, not a traceback
+        parser.exit(2, f"nnunet-plugins {args.command}: error: {e}\n")
     return int(result or 0)
 
 
