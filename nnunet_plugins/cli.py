@@ -13,6 +13,7 @@ import sys
 COMMAND_MODULES = (
     "nnunet_plugins.commands.listing",
     "nnunet_plugins.commands.synthetic",
+    "nnunet_plugins.commands.plan",
 )
 
 

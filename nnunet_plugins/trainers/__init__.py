@@ -1,4 +1,5 @@
 """nnU-Net trainers of this package. Everything exported here is visible to ``nnUNetv2_train -tr``."""
-from nnunet_plugins.trainers.base import PluginTrainer  # noqa: F401
+from nnunet_plugins.trainers.base import PluginTrainer
+from nnunet_plugins.trainers.cotr import CoTrTrainer
 
-__all__ = ["PluginTrainer"]
+__all__ = ["PluginTrainer", "CoTrTrainer"]

@@ -1,0 +1,85 @@
+"""CoTrTrainer: CoTr (Xie et al., MICCAI 2021) trained by nnU-Net v2.
+
+What CoTr changes relative to ``nnUNetTrainer`` and nothing else:
+
+* the network (``nnunet_plugins.architectures.cotr.CoTr``): built from the plans' architecture entry
+  when the plans name CoTr (``nnunet-plugins plan -m CoTr`` writes such plans, possibly with
+  narrower stages), otherwise with the official configuration;
+* the patch: CoTr needs every axis divisible by its total stride (8, 16, 16). On plans whose patch
+  does not fit (e.g. nnU-Net's stock ``nnUNetPlans``) the trainer rounds the patch to the nearest
+  multiple and records it in the plans it copies into the model folder, so ``nnUNetv2_predict``
+  slides the same window;
+* deep supervision: CoTr predicts at its own scales, (1,1,1), (1,1/2,1/2), (1/2,1/4,1/4) and
+  (1/4,1/8,1/8), not at nnU-Net's pooling scales; targets are downsampled to exactly these. The loss
+  weights follow the official trainer (1, 1/2, 1/4, 1/8, normalised; with the BCV plans the official
+  code masks only a fifth, non-existent output, so all four CoTr outputs count);
+* ``set_deep_supervision_enabled`` toggles ``CoTr.deep_supervision`` (CoTr has no ``decoder``).
+
+Optimiser and schedule are the paper's and nnU-Net's defaults alike: SGD lr 1e-2, momentum 0.99
+(Nesterov), weight decay 3e-5, poly decay 0.9 over 1000 epochs x 250 iterations, gradient clipping
+at 12, AMP on CUDA, Dice + CE.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from nnunet_plugins.planners.common import fit_to_divisor
+from nnunet_plugins.planners.cotr import COTR_DIVISOR, COTR_NETWORK
+from nnunet_plugins.trainers.base import PluginTrainer
+
+# CoTr's outputs relative to the input: full resolution, then its three deep-supervision heads
+COTR_DS_SCALES = ((1.0, 1.0, 1.0), (1.0, 0.5, 0.5), (0.5, 0.25, 0.25), (0.25, 0.125, 0.125))
+COTR_DS_WEIGHTS = (1.0, 0.5, 0.25, 0.125)
+
+
+def check_cotr_patch(patch_size, where: str = "the plans") -> None:
+    if len(patch_size) != 3:
+        raise ValueError(f"CoTr is a 3-D network, but {where} give a {len(patch_size)}-D patch {list(patch_size)}; "
+                         f"train a 3-D configuration (3d_fullres)")
+    bad = [p for p, d in zip(patch_size, COTR_DIVISOR) if p % d or p < d]
+    if bad:
+        raise ValueError(f"CoTr needs every patch axis to be a positive multiple of {COTR_DIVISOR}, but {where} give "
+                         f"{list(patch_size)}; plan with `nnunet-plugins plan -m CoTr` or use a patch such as "
+                         f"{fit_to_divisor(patch_size, COTR_DIVISOR)}")
+
+
+class CoTrTrainer(PluginTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        patch = list(self.configuration_manager.patch_size)
+        if len(patch) != 3:
+            check_cotr_patch(patch, f"configuration {configuration!r}")
+        fitted = fit_to_divisor(patch, COTR_DIVISOR)
+        if fitted != patch:
+            self.print_to_log_file(f"CoTr needs patch axes divisible by {COTR_DIVISOR}: patch {patch} -> {fitted}")
+            self.update_configuration(patch_size=fitted)
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> torch.nn.Module:
+        from nnunet_plugins.architectures.cotr import CoTr
+
+        patch = list(configuration_manager.patch_size)
+        check_cotr_patch(patch)
+        kwargs = {}
+        if configuration_manager.network_arch_class_name == COTR_NETWORK:
+            kwargs = dict(configuration_manager.network_arch_init_kwargs)
+        return CoTr(input_channels=num_input_channels, num_classes=num_output_channels, patch_size=tuple(patch),
+                    deep_supervision=enable_deep_supervision, **kwargs)
+
+    def _get_deep_supervision_scales(self):
+        return [list(s) for s in COTR_DS_SCALES] if self.enable_deep_supervision else None
+
+    def _build_loss(self):
+        loss = super()._build_loss()
+        if self.enable_deep_supervision:
+            weights = np.asarray(COTR_DS_WEIGHTS)
+            loss.weight_factors = tuple(weights / weights.sum())
+        return loss
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        self.unwrapped_network.deep_supervision = enabled
