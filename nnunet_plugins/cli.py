@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "nnunet_plugins.commands.listing",
     "nnunet_plugins.commands.synthetic",
     "nnunet_plugins.commands.plan",
+    "nnunet_plugins.commands.demo",
 )
 
 
