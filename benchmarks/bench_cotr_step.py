@@ -76,8 +76,10 @@ def build(name, args):
     torch.manual_seed(0)
     if name == "CoTr":
         net, patch = build_cotr(args.patch, 1, args.classes), list(args.patch)
+        net.strides = None
     else:
-        net, patch, _ = build_unet(args.patch, args.spacing, 1, args.classes)
+        net, patch, strides = build_unet(args.patch, args.spacing, 1, args.classes)
+        net.strides = strides
     net = net.to(args.device).train()
     opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
     g = torch.Generator().manual_seed(1)
@@ -140,7 +142,7 @@ def main(argv=None):
     nets, steps, patches = {}, {}, {}
     for name in ("CoTr", "U-Net"):
         nets[name], patches[name], steps[name] = build(name, args)
-    _, _, strides = build_unet(args.patch, args.spacing, 1, args.classes)
+    strides = nets["U-Net"].strides
     params = {k: sum(p.numel() for p in v.parameters()) for k, v in nets.items()}
     print(f"device {args.device}{' (AMP fp16)' if args.amp else ''}, threads {torch.get_num_threads()}, "
           f"batch {args.batch}, {args.classes} classes")

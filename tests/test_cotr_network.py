@@ -216,3 +216,23 @@ def test_official_checkpoint_mapping():
     missing = {k: v for k, v in sd.items() if "cls_conv" not in k}
     with pytest.raises(ValueError, match="missing"):
         load_official_cotr_weights(net, missing)
+
+
+def test_autocast_runs_and_keeps_float32_locations():
+    net = _tiny()
+    x = torch.randn(2, 1, 16, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = net(x)
+        loss = sum(o.float().mean() for o in outs)
+    loss.backward()
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_traces_as_one_graph_for_torch_compile():
+    # nnU-Net 2.8 compiles the network by default on CUDA: no graph breaks (data-dependent Python code)
+    net = _tiny().eval()
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    x = torch.randn(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x)[0], net(x)[0], rtol=1e-4, atol=1e-4)

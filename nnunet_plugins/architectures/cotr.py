@@ -274,7 +274,11 @@ class CoTr(nn.Module):
 
     @classmethod
     def check_input_size(cls, spatial: Sequence[int], what: str = "input") -> tuple[int, int, int]:
-        """Return ``spatial`` as a tuple or raise ValueError if CoTr cannot process it."""
+        """Return ``spatial`` as a tuple or raise ValueError if CoTr cannot process it.
+
+        Note: with instance norm in training mode PyTorch also needs more than one voxel at the
+        deepest level, e.g. ``(8, 16, 16)`` only works in eval mode (``(8, 16, 32)`` trains).
+        """
         spatial = tuple(int(s) for s in spatial)
         if len(spatial) != 3:
             raise ValueError(f"CoTr is a 3-D network: {what} must have 3 spatial dims (D, H, W), got {spatial}")
