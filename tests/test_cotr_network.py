@@ -78,6 +78,11 @@ def test_bad_inputs_raise_clear_errors():
         net(torch.randn(1, 2, 16, 32, 32))
     with pytest.raises(ValueError, match="patch_size"):
         _tiny(patch_size=(20, 32, 32))
+    with pytest.raises(ValueError, match="one voxel"):
+        net(torch.randn(1, 1, 8, 16, 16))
+    with pytest.raises(ValueError, match="one voxel"):
+        _tiny(patch_size=(8, 16, 16))
+    assert _tiny(patch_size=(8, 16, 16), norm="group")(torch.randn(2, 1, 8, 16, 16))[0].shape == (2, 3, 8, 16, 16)
     with pytest.raises(ValueError, match="3 spatial dims"):
         _tiny(patch_size=(32, 32))
     with pytest.raises(ValueError, match="equal widths"):

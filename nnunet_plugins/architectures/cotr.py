@@ -242,11 +242,12 @@ class CoTr(nn.Module):
         if d_model % num_heads:
             raise ValueError(f"transformer width {d_model} is not divisible by num_heads={num_heads}")
         position_encoding_split(d_model)  # raises for widths the 3-D sine encoding cannot split
-        self.patch_size = self.check_input_size(patch_size, what="patch_size")
+        self._norm = _NORMS[norm.lower()]
+        self.patch_size = self._check_size(patch_size, what="patch_size")
         self.input_channels, self.num_classes = int(input_channels), int(num_classes)
         self.official_axis_order = official_axis_order
 
-        cfg = _Cfg(_NORMS[norm.lower()], _NONLINS[nonlin.lower()], weight_std)
+        cfg = _Cfg(self._norm, _NONLINS[nonlin.lower()], weight_std)
         self.backbone = CoTrEncoder(cfg, input_channels, stage_channels, blocks_per_stage)
         self.transformer = DeformableTransformerEncoder3D(
             d_model=d_model, n_heads=num_heads, num_layers=num_encoder_layers, d_ffn=ffn_dim, dropout=dropout,
@@ -276,8 +277,8 @@ class CoTr(nn.Module):
     def check_input_size(cls, spatial: Sequence[int], what: str = "input") -> tuple[int, int, int]:
         """Return ``spatial`` as a tuple or raise ValueError if CoTr cannot process it.
 
-        Note: with instance norm in training mode PyTorch also needs more than one voxel at the
-        deepest level, e.g. ``(8, 16, 16)`` only works in eval mode (``(8, 16, 32)`` trains).
+        Instances additionally reject, with instance norm, a size whose deepest level is a single
+        voxel (e.g. ``(8, 16, 16)``): instance norm needs more than one voxel per channel.
         """
         spatial = tuple(int(s) for s in spatial)
         if len(spatial) != 3:
@@ -288,12 +289,19 @@ class CoTr(nn.Module):
                              f"{cls.required_divisor} (stem stride (1, 2, 2) and three stride-2 stages)")
         return spatial
 
+    def _check_size(self, spatial: Sequence[int], what: str) -> tuple[int, int, int]:
+        spatial = self.check_input_size(spatial, what)
+        if self._norm == "instance" and all(s == k for s, k in zip(spatial, self.required_divisor)):
+            raise ValueError(f"CoTr {what} spatial size {spatial} leaves one voxel at the deepest level, which "
+                             "instance norm cannot normalise; use e.g. (16, 16, 16), (8, 32, 16) or (8, 16, 32)")
+        return spatial
+
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if x.dim() != 5:
             raise ValueError(f"CoTr is a 3-D network: expected input (B, C, D, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.input_channels:
             raise ValueError(f"CoTr built for {self.input_channels} input channels got {x.shape[1]}")
-        self.check_input_size(x.shape[2:])
+        self._check_size(x.shape[2:], what="input")
         levels = self.backbone(x)
         t2, t3 = self.transformer(levels[2:])
         return self.decoder(t3, [t2, levels[1], levels[0]])
