@@ -66,11 +66,26 @@ def test_cotr_plan_train_continue_predict(nnunet_env, tmp_path):
     # the model folder's plans are what the predictor uses
     assert json.load(open(os.path.join(model, "plans.json")))["configurations"]["3d_fullres"]["patch_size"] == [16, 32, 32]
 
-    out = str(tmp_path / "pred")
-    run_step(console_command("nnUNetv2_predict") + ["-i", os.path.join(folder, "imagesTs"), "-o", out, "-d", "501",
-                                                    "-c", "3d_fullres", "-f", "0", "-tr", "CoTrTrainer", "-p",
-                                                    "nnUNetPlans_CoTr", "-device", "cpu", "--disable_progress_bar"],
-             env, log)
+    # nnU-Net's model selection reads the fold's validation results like for its own trainers
+    run_step(console_command("nnUNetv2_find_best_configuration") + ["501", "-c", "3d_fullres", "-tr", "CoTrTrainer",
+                                                                    "-p", "nnUNetPlans_CoTr", "-f", "0",
+                                                                    "--disable_ensembling"], env, log)
+    instructions = open(os.path.join(env["nnUNet_results"], "Dataset501_Synthetic", "inference_instructions.txt")).read()
+    assert "-tr CoTrTrainer" in instructions and "-p nnUNetPlans_CoTr" in instructions
+
+    predict = console_command("nnUNetv2_predict") + ["-i", os.path.join(folder, "imagesTs"), "-d", "501", "-c",
+                                                     "3d_fullres", "-f", "0", "-tr", "CoTrTrainer", "-p",
+                                                     "nnUNetPlans_CoTr", "-device", "cpu", "--disable_progress_bar",
+                                                     "--save_probabilities"]
+    out, out_no_tta, ensembled = (str(tmp_path / n) for n in ("pred", "pred_no_tta", "ensemble"))
+    run_step(predict + ["-o", out], env, log)
+    run_step(predict + ["-o", out_no_tta, "--disable_tta"], env, log)
+    run_step(console_command("nnUNetv2_ensemble") + ["-i", out, out_no_tta, "-o", ensembled, "-np", "1"], env, log)
+    for case in ("Synthetic_008", "Synthetic_009"):
+        probabilities = np.load(os.path.join(out, case + ".npz"))["probabilities"]
+        assert probabilities.shape == (3, 16, 48, 48)
+        np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-3)
+        assert os.path.isfile(os.path.join(ensembled, case + ".nii.gz"))
     dices = []
     for case in ("Synthetic_008", "Synthetic_009"):
         ref_img = sitk.ReadImage(os.path.join(folder, "labelsTs", case + ".nii.gz"))
