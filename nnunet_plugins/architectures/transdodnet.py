@@ -312,6 +312,10 @@ class TransDoDNet(TaskConditionedNetwork):
             raise ValueError(f"TransDoDNet input spatial size {tuple(x.shape[2:])} must be divisible by "
                              f"{self.required_divisor} (stem stride (1, 2, 2) and {len(self.required_divisor) + 1} "
                              f"stride-2 stages)")
+        if all(s == k for s, k in zip(x.shape[2:], self.required_divisor)):
+            raise ValueError(f"TransDoDNet input spatial size {tuple(x.shape[2:])} leaves one voxel at the deepest "
+                             f"level, which instance norm cannot normalise; use a larger input, e.g. "
+                             f"{(2 * self.required_divisor[0],) + tuple(self.required_divisor[1:])}")
 
     def task_queries(self, levels: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Transformer on the deepest ``n_levels`` backbone levels.
