@@ -129,3 +129,17 @@ def test_inference_task_and_errors():
         DoDNet(features_per_stage=(8, 8, 16, 16, 16), norm_groups=16)
     with pytest.raises(ValueError, match="one entry per stage"):
         DoDNet(features_per_stage=(8, 16), blocks_per_stage=(1, 1, 1), strides=(1, 2))
+
+
+def test_autocast_bfloat16_trains():
+    from nnunet_plugins.modules.partial_label_loss import PartialLabelDiceBCELoss
+
+    torch.manual_seed(0)
+    net = DoDNet(num_tasks=3, **TINY)
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, torch.tensor([0, 1]))
+        loss = PartialLabelDiceBCELoss()(out, (x > 0).float().expand(-1, 2, -1, -1, -1))
+    loss.backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert torch.isfinite(net.controller.weight.grad).all() and net.stem.weight.grad.abs().sum() > 0

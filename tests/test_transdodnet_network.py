@@ -149,3 +149,17 @@ def test_task_ids_and_input_errors():
         TransDoDNet(**{**TINY, "decoder_channels": (8, 8, 8)})
     with pytest.raises(ValueError, match="memory_fusion"):
         TransDoDNet(memory_fusion="sum", **TINY)
+
+
+def test_autocast_bfloat16_trains():
+    from nnunet_plugins.modules.partial_label_loss import PartialLabelDiceBCELoss
+
+    torch.manual_seed(0)
+    net = TransDoDNet(num_tasks=3, **TINY)
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, torch.tensor([0, 2]))
+        loss = PartialLabelDiceBCELoss()(out, (x > 0).float().expand(-1, 2, -1, -1, -1))
+    loss.backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert torch.isfinite(net.controller[2].weight.grad).all() and net.query_embed.weight.grad.abs().sum() > 0
