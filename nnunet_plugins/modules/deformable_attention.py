@@ -35,6 +35,8 @@ Main API
 ``MSDeformAttn3D``             the attention module (offset / weight / value / output projections)
 ``reference_points_3d``, ``sine_position_encoding_3d``, ``flatten_levels``, ``unflatten_levels``
 ``DeformableEncoderLayer3D``, ``DeformableTransformerEncoder3D``  post-norm encoder (CoTr's DeTrans)
+``DeformableDecoderLayer3D``   post-norm decoder layer: query self-attention + deformable
+                               cross-attention to the multi-level memory + FFN (TransDoDNet)
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ __all__ = [
     "level_start_indices",
     "DeformableEncoderLayer3D",
     "DeformableTransformerEncoder3D",
+    "DeformableDecoderLayer3D",
 ]
 
 Shape3 = tuple[int, int, int]
@@ -407,20 +410,22 @@ def position_encoding_split(d_model: int) -> tuple[int, int, int]:
 
 
 def sine_position_encoding_3d(spatial_shape: Sequence[int], d_model: int, *, temperature: float = 10000.0,
-                              device=None, dtype=torch.float32) -> Tensor:
+                              offset: float = 0.5, device=None, dtype=torch.float32) -> Tensor:
     """3-D sine positional encoding of a ``(D, H, W)`` grid, ``(d_model, D, H, W)``.
 
-    CoTr's 'v2' encoding (normalised, scale 2*pi): per axis the coordinate ``(i + 0.5) / (size + 1e-6)
-    * 2*pi`` is divided by ``temperature ** (3 * (j // 3) / n_axis)`` for feature j (frequencies
+    CoTr's 'v2' encoding (normalised, scale 2*pi): per axis the coordinate ``(i + offset) / (size +
+    1e-6) * 2*pi`` is divided by ``temperature ** (3 * (j // 3) / n_axis)`` for feature j (frequencies
     grouped in threes, as the official code does), then even features take the sine, odd ones the
     cosine; channels are ``[depth | height | width]`` with the split of :func:`position_encoding_split`.
+    ``offset`` 0.5 (voxel centres) is CoTr's ``cumsum - 0.5``; TransDoDNet's official encoding uses
+    the plain ``cumsum``, i.e. ``offset=1.0``.
     Independent of the features' values and of the batch, so it is computed once per shape.
     """
     d, h, w = (int(v) for v in spatial_shape)
     n_d, n_h, n_w = position_encoding_split(d_model)
 
     def axis(size: int, n_feats: int) -> Tensor:  # (size, n_feats)
-        coord = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / (size + 1e-6) * (2 * math.pi)
+        coord = (torch.arange(size, device=device, dtype=torch.float32) + offset) / (size + 1e-6) * (2 * math.pi)
         j = torch.arange(n_feats, device=device, dtype=torch.float32)
         freqs = temperature ** (3 * torch.div(j, 3, rounding_mode="floor") / n_feats)
         arg = coord[:, None] / freqs
@@ -440,16 +445,20 @@ _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
 class DeformableEncoderLayer3D(nn.Module):
-    """Post-norm deformable encoder layer: ``x = LN(x + drop(MSDA(x + pos)))``,
-    ``x = LN(x + drop(W2 drop(act(W1 x))))`` (Deformable DETR / CoTr DeTrans layer).
+    """Post-norm deformable encoder layer: ``x = LN(a*x + drop(MSDA(x + pos)))``,
+    ``x = LN(a*x + drop(W2 drop(act(W1 x))))`` (Deformable DETR / CoTr DeTrans layer).
 
+    ``residual_scale`` ``a`` is 1 for Deformable DETR and CoTr; TransDoDNet's official transformer
+    scales the residual branch by DeepNorm's alpha (Wang et al. 2022, "DeepNet").
     Extra keyword arguments go to :class:`MSDeformAttn3D` (``official_axis_order``,
     ``offset_normalizer``, ``offset_bias_init``).
     """
 
     def __init__(self, d_model: int = 384, d_ffn: int = 1536, dropout: float = 0.1, activation: str = "gelu",
-                 n_levels: int = 2, n_heads: int = 6, n_points: int = 4, **attn_kwargs):
+                 n_levels: int = 2, n_heads: int = 6, n_points: int = 4, *, residual_scale: float = 1.0,
+                 **attn_kwargs):
         super().__init__()
+        self.residual_scale = float(residual_scale)
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         self.self_attn = MSDeformAttn3D(d_model, n_levels, n_heads, n_points, **attn_kwargs)
@@ -465,10 +474,11 @@ class DeformableEncoderLayer3D(nn.Module):
     def forward(self, src: Tensor, pos: Tensor | None, reference_points: Tensor, spatial_shapes,
                 padding_mask: Tensor | None = None) -> Tensor:
         query = src if pos is None else src + pos
-        src = self.norm1(src + self.dropout1(self.self_attn(query, reference_points, src, spatial_shapes,
-                                                            padding_mask)))
+        a = self.residual_scale
+        src = self.norm1(src * a + self.dropout1(self.self_attn(query, reference_points, src, spatial_shapes,
+                                                                padding_mask)))
         ffn = self.linear2(self.dropout2(self.activation(self.linear1(src))))
-        return self.norm2(src + self.dropout3(ffn))
+        return self.norm2(src * a + self.dropout3(ffn))
 
 
 class DeformableTransformerEncoder3D(nn.Module):
@@ -482,7 +492,8 @@ class DeformableTransformerEncoder3D(nn.Module):
         d_model, n_heads, num_layers, d_ffn, dropout, activation, n_levels, n_points: CoTr's defaults
             are 384, 6, 6, 1536, 0.1, "gelu", 2, 4 (TransDoDNet: 192, 8, 3, 768, 0.1, "relu", 3, 4).
         official_axis_order, offset_normalizer, offset_bias_init: see :class:`MSDeformAttn3D`.
-        temperature: of the sine encoding.
+        temperature, position_offset: of the sine encoding (``offset`` of :func:`sine_position_encoding_3d`).
+        residual_scale: of every layer (see :class:`DeformableEncoderLayer3D`).
 
     ``forward(features)`` takes ``n_levels`` maps ``(N, d_model, D_l, H_l, W_l)`` and returns the
     encoded maps in the same shapes. ``encode_tokens(features)`` returns the flattened memory
@@ -496,14 +507,16 @@ class DeformableTransformerEncoder3D(nn.Module):
     def __init__(self, d_model: int = 384, n_heads: int = 6, num_layers: int = 6, d_ffn: int = 1536,
                  dropout: float = 0.1, activation: str = "gelu", n_levels: int = 2, n_points: int = 4, *,
                  official_axis_order: bool = False, offset_normalizer: Sequence | None = None,
-                 offset_bias_init: str = "cotr", temperature: float = 10000.0):
+                 offset_bias_init: str = "cotr", temperature: float = 10000.0, position_offset: float = 0.5,
+                 residual_scale: float = 1.0):
         super().__init__()
         position_encoding_split(d_model)  # fail early on an unusable width
         self.d_model, self.n_levels = d_model, n_levels
         self.official_axis_order = official_axis_order
         self.temperature = temperature
+        self.position_offset = float(position_offset)
         layer = DeformableEncoderLayer3D(d_model, d_ffn, dropout, activation, n_levels, n_heads, n_points,
-                                         official_axis_order=official_axis_order,
+                                         residual_scale=residual_scale, official_axis_order=official_axis_order,
                                          offset_normalizer=offset_normalizer, offset_bias_init=offset_bias_init)
         self.layers = nn.ModuleList([copy.deepcopy(layer) for _ in range(num_layers)])
         self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
@@ -520,7 +533,8 @@ class DeformableTransformerEncoder3D(nn.Module):
 
     def embeddings(self, shapes: list[Shape3], device, dtype) -> Tensor:
         """Positional + level embedding of all tokens, ``(1, S, d_model)``."""
-        parts = [sine_position_encoding_3d(s, self.d_model, temperature=self.temperature, device=device)
+        parts = [sine_position_encoding_3d(s, self.d_model, temperature=self.temperature,
+                                           offset=self.position_offset, device=device)
                  .flatten(1).transpose(0, 1).to(dtype) + self.level_embed[lvl].to(dtype)
                  for lvl, s in enumerate(shapes)]
         return torch.cat(parts, dim=0)[None]
@@ -545,3 +559,61 @@ class DeformableTransformerEncoder3D(nn.Module):
     def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
         tokens, shapes, _ = self.encode_tokens(features)
         return unflatten_levels(tokens, shapes)
+
+
+# ----------------------------------------------------------------------------------------------
+# decoder
+# ----------------------------------------------------------------------------------------------
+class DeformableDecoderLayer3D(nn.Module):
+    """Post-norm deformable decoder layer (Deformable DETR's decoder layer on 3-D memory; TransDoDNet)::
+
+        q = k = tgt + query_pos
+        tgt = LN1(a*tgt + drop(MHA(q, k, tgt)))                                  self-attention among queries
+        tgt = LN2(a*tgt + drop(MSDA(tgt + query_pos, reference_points, memory)))  deformable cross-attention
+        tgt = LN3(a*tgt + drop(W2 drop(act(W1 tgt))))                             FFN
+
+    ``residual_scale`` ``a``: 1 in Deformable DETR; DeepNorm's alpha in TransDoDNet's official code.
+    The cross-attention is :class:`MSDeformAttn3D` over the flattened multi-level memory; extra keyword
+    arguments go to it (``official_axis_order``, ``offset_normalizer``, ``offset_bias_init``). The
+    self-attention is ``nn.MultiheadAttention`` (attention dropout = ``dropout``, as the official layer).
+
+    Forward:
+        ``tgt`` ``(N, Lq, C)`` query contents; ``query_pos`` ``(N|1, Lq, C)`` or None;
+        ``reference_points`` ``(N, Lq, 3)`` or ``(N, Lq, L, 3)`` in ``[0, 1]``; ``memory`` ``(N, S, C)``;
+        ``spatial_shapes`` L triples; optional ``padding_mask`` ``(N, S)``. Returns ``(N, Lq, C)``.
+    """
+
+    def __init__(self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, activation: str = "relu",
+                 n_levels: int = 4, n_heads: int = 8, n_points: int = 4, *, residual_scale: float = 1.0,
+                 **attn_kwargs):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        self.residual_scale = float(residual_scale)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.cross_attn = MSDeformAttn3D(d_model, n_levels, n_heads, n_points, **attn_kwargs)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.activation = _ACTIVATIONS[activation]
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor | None, reference_points: Tensor, memory: Tensor,
+                spatial_shapes, padding_mask: Tensor | None = None) -> Tensor:
+        if tgt.dim() != 3 or memory.dim() != 3 or tgt.shape[0] != memory.shape[0] or tgt.shape[2] != memory.shape[2]:
+            raise ValueError(f"tgt (N, Lq, C) and memory (N, S, C) must agree, got {tuple(tgt.shape)} and "
+                             f"{tuple(memory.shape)}")
+        a = self.residual_scale
+        q = tgt if query_pos is None else tgt + query_pos
+        attn = self.self_attn(q, q, tgt, need_weights=False)[0]
+        tgt = self.norm1(tgt * a + self.dropout1(attn))
+        q = tgt if query_pos is None else tgt + query_pos
+        cross = self.cross_attn(q, reference_points, memory, spatial_shapes, padding_mask)
+        tgt = self.norm2(tgt * a + self.dropout2(cross))
+        ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
+        return self.norm3(tgt * a + self.dropout4(ffn))
