@@ -398,7 +398,7 @@ def kipa22(out_dir: str, train_ids=(0, 1, 2), test_ids=(70,), shape=(16, 32, 32)
             label[_ellipsoid(shape, (z / 2, h / 2, w / 2 + rng.uniform(-1, 1)), (z * 0.35, h * 0.3, w * 0.2))] = 2
             label[_ellipsoid(shape, (z / 2 + 2, h / 2 - 3, w / 2 + 3), (z * 0.15, h * 0.12, w * 0.1))] = 4
             label[:, int(h * 0.3):int(h * 0.3) + 2, int(w * 0.1):int(w * 0.4)] = 1        # vein
-            label[int(z * 0.6), int(h * 0.6):int(h * 0.6) + 2, int(w * 0.1):int(w * 0.45)] = 3   # artery
+            label[int(z * 0.6):int(z * 0.6) + 4, int(h * 0.6):int(h * 0.6) + 2, int(w * 0.1):int(w * 0.45)] = 3  # artery
             hu = np.array([-50.0, 180.0, 150.0, 350.0, 80.0])[label] + rng.normal(0, 20, shape)
             image = np.clip(hu + offset, 0, 65535).round().astype(np.uint16)
             origin = tuple(rng.uniform(-50, 50, 3))
