@@ -31,7 +31,7 @@ import numpy as np
 
 from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, ChallengeError, ReleaseLayoutError,
                      build_dataset, check_affine, check_complete, check_label_values, list_images, nifti_array,
-                     place_nifti_file, read_nifti, run_parallel, write_nifti, write_zip)
+                     place_nifti_file, read_nifti, run_parallel, write_like, write_zip)
 
 CHALLENGE = "amos22"
 DEFAULT_DATASET_IDS = {1: 218, 2: 219}
@@ -184,17 +184,12 @@ def reference_images(images: str, task: int) -> dict:
 
 
 def export_case(case: str, prediction: str, reference: str, out_path: str, tolerance: float) -> str:
-    import nibabel
     ref = read_nifti(case, reference)
     pred = read_nifti(case, prediction)
     check_affine(case, reference, ref, prediction, pred, tolerance)
     array = np.asarray(nifti_array(case, prediction, pred))
     check_label_values(case, prediction, array, LABELS)
-    out = nibabel.Nifti1Image(array.astype(np.uint8), ref.affine)
-    out.set_qform(ref.affine, code=int(ref.header["qform_code"]) or 1)
-    out.set_sform(ref.affine, code=int(ref.header["sform_code"]) or 1)
-    write_nifti(out, out_path)
-    return out_path
+    return write_like(case, reference, array, out_path, order="nibabel")
 
 
 def export(pred_dir: str, out_dir: str, images: str, task: int = 2, archive: str | None = "auto",

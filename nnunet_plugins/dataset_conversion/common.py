@@ -243,6 +243,39 @@ def remove_temporaries(folder: str) -> None:
                 os.remove(os.path.join(root, f))
 
 
+def write_like(case: str, reference: str, array: np.ndarray, out_path: str, dtype=np.uint8,
+               order: str = "sitk") -> str:
+    """Write ``array`` (SimpleITK axis order (z, y, x), or nibabel order with ``order='nibabel'``) as an image with
+    exactly the geometry of the image file ``reference``.
+
+    NIfTI geometry does not survive a read/write cycle through a direction matrix bit for bit (the quaternion is
+    recomputed), so for a NIfTI reference the output takes a copy of the reference's header (qform, sform, pixdim)
+    with the new data type and no intensity scaling; other formats copy the SimpleITK geometry, which they store
+    exactly.
+    """
+    array = np.asarray(array).astype(dtype, copy=False)
+    if reference.endswith((".nii", ".nii.gz")):
+        import nibabel
+        ref = read_nifti(case, reference)
+        data = array if order == "nibabel" else np.ascontiguousarray(array.transpose(2, 1, 0))
+        if tuple(data.shape) != tuple(ref.shape):
+            raise CaseError(case, out_path, f"array shape {data.shape} does not match {reference} {tuple(ref.shape)}")
+        header = ref.header.copy()
+        header.set_data_dtype(dtype)
+        header.set_slope_inter(None, None)
+        write_nifti(nibabel.Nifti1Image(data, None, header=header), out_path)
+    else:
+        sitk = _sitk()
+        ref = read_sitk(case, reference)
+        data = array if order == "sitk" else np.ascontiguousarray(array.transpose(2, 1, 0))
+        out = sitk.GetImageFromArray(data)
+        if out.GetSize() != ref.GetSize():
+            raise CaseError(case, out_path, f"array shape {data.shape} does not match {reference}")
+        out.CopyInformation(ref)
+        write_sitk(out, out_path)
+    return out_path
+
+
 def image_from_array_like(array: np.ndarray, geometry: Geometry):
     sitk = _sitk()
     return geometry.apply(sitk.GetImageFromArray(array))

@@ -16,7 +16,7 @@ import numpy as np
 
 from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, Geometry, ReleaseLayoutError, build_dataset,
                      check_complete, check_geometry, check_label_values, list_images, place_sitk_file, read_sitk,
-                     run_parallel, write_sitk)
+                     run_parallel, write_like, write_sitk)
 
 CHALLENGE = "kipa22"
 DEFAULT_DATASET_ID = 603
@@ -116,8 +116,7 @@ def export_case(case: str, prediction: str, reference: str, out_path: str, toler
     check_geometry(case, reference, ref, prediction, Geometry.of(pred), tolerance)
     arr = sitk.GetArrayFromImage(pred)
     check_label_values(case, prediction, arr, LABELS)
-    write_sitk(ref.apply(sitk.GetImageFromArray(arr.astype(np.uint8))), out_path)
-    return out_path
+    return write_like(case, reference, arr, out_path)
 
 
 def export(pred_dir: str, out_dir: str, images: str, num_processes: int = 1,

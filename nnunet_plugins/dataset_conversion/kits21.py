@@ -25,8 +25,9 @@ import re
 
 import numpy as np
 
-from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, ChallengeError, ReleaseLayoutError,
-                     build_dataset, check_affine, check_complete, check_label_values, list_images,
+from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, ChallengeError, Geometry, ReleaseLayoutError,
+                     build_dataset, check_affine, check_complete, check_geometry, check_label_values, list_images,
+                     write_like,
                      nifti_array, place_nifti_file, read_nifti, read_sitk, write_nifti, write_sitk)
 
 CHALLENGE = "kits21"
@@ -181,28 +182,18 @@ def export_case(case: str, prediction: str, reference: str, out_path: str, toler
         if prediction.endswith(".mha"):
             import SimpleITK as sitk
             pred = read_sitk(case, prediction)
-            ref = read_sitk(case, reference)
+            check_geometry(case, reference, Geometry.read(case, reference), prediction, Geometry.of(pred), tolerance)
             array = sitk.GetArrayFromImage(pred)
-            if array.shape != sitk.GetArrayViewFromImage(ref).shape:
-                raise CaseError(case, prediction, "shape differs from the input image")
             check_label_values(case, prediction, array, LABELS)
-            out = sitk.GetImageFromArray(array.astype(np.uint8))
-            out.CopyInformation(ref)
-            write_sitk(out, out_path)
-        else:
-            kits_nifti_to_mha(case, prediction, reference, out_path)
+            return write_like(case, reference, array, out_path)
+        kits_nifti_to_mha(case, prediction, reference, out_path)
         return out_path
-    import nibabel
     ref = read_nifti(case, reference)
     pred = read_nifti(case, prediction)
     check_affine(case, reference, ref, prediction, pred, tolerance)
     array = nifti_array(case, prediction, pred)
     check_label_values(case, prediction, array, LABELS)
-    out = nibabel.Nifti1Image(np.asarray(array).astype(np.uint8), ref.affine)
-    out.set_qform(ref.affine, code=int(ref.header["qform_code"]) or 1)
-    out.set_sform(ref.affine, code=int(ref.header["sform_code"]) or 1)
-    write_nifti(out, out_path)
-    return out_path
+    return write_like(case, reference, array, out_path, order="nibabel")
 
 
 def export(pred_dir: str, out_dir: str, images: str, num_processes: int = 1,

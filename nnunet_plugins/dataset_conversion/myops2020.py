@@ -23,7 +23,7 @@ import numpy as np
 
 from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, ChallengeError, Geometry, ReleaseLayoutError,
                      build_dataset, check_complete, check_geometry, check_label_values, list_images,
-                     place_sitk_file, read_sitk, run_parallel, write_sitk)
+                     place_sitk_file, read_sitk, run_parallel, write_like, write_sitk)
 
 CHALLENGE = "myops2020"
 DEFAULT_DATASET_ID = 159
@@ -149,8 +149,7 @@ def export_case(case: str, prediction: str, reference: str, out_path: str, toler
     check_geometry(case, reference, ref, prediction, Geometry.of(pred), tolerance)
     arr = sitk.GetArrayFromImage(pred)
     check_label_values(case, prediction, arr, FROM_NNUNET)
-    write_sitk(ref.apply(sitk.GetImageFromArray(remap(arr, FROM_NNUNET, np.uint16))), out_path)
-    return out_path
+    return write_like(case, reference, remap(arr, FROM_NNUNET, np.uint16), out_path, dtype=np.uint16)
 
 
 def export(pred_dir: str, out_dir: str, images: str, suffix: str = DEFAULT_SUBMISSION_SUFFIX,

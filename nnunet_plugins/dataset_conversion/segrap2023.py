@@ -32,7 +32,7 @@ import numpy as np
 
 from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, atomic_copy, CaseJob, ChallengeError, Geometry, ReleaseLayoutError,
                      build_dataset, check_complete, check_geometry, check_label_values, list_images,
-                     place_sitk_file, read_sitk, run_parallel, write_sitk, write_zip)
+                     place_sitk_file, read_sitk, run_parallel, write_like, write_sitk, write_zip)
 
 CHALLENGE = "segrap2023"
 DEFAULT_DATASET_IDS = {1: 601, 2: 602}
@@ -330,7 +330,10 @@ def export_case(case: str, prediction: str, reference: str, task: int, out_forma
     written = []
     for s, mask in iter_decoded(arr, task):
         path = os.path.join(out_dir, case, f"{s}.nii.gz")
-        write_sitk(ref.apply(sitk.GetImageFromArray(mask.astype(np.uint8))), path)
+        if reference.endswith((".nii", ".nii.gz")):
+            write_like(case, reference, mask, path)
+        else:
+            write_sitk(ref.apply(sitk.GetImageFromArray(mask.astype(np.uint8))), path)
         written.append(path)
     return written
 

@@ -7,7 +7,7 @@ cases with the release's folder and file names, channels, label values, data typ
   order kidney, cyst, tumor, per-instance annotation files of three annotators and ``segmentation_samples``
   groups built from them; arrays (slices, H, W) with the KiTS affine (no canonical orientation, origin 0).
 * AMOS22: ``dataset.json`` with training/validation/test lists, CT cases numbered <= 500 and MRI cases above,
-  one MRI case with an oblique affine; some organs absent in some cases.
+  MRI cases with oblique affines; some organs absent in some cases.
 * SegRap2023: 54-class maps and the 45 overlapping organ masks decoded from them (so both agree), GTV masks and
   their 2-class maps, non-contrast and contrast CT.
 * MyoPS2020: C0/DE/T2 volumes of a few thick slices, labels with the original values 200/500/600/1220/2221.
@@ -181,7 +181,7 @@ AMOS_SPLITS = {"training": ([1, 4, 5], [507, 508]), "validation": ([8], [510]), 
 
 def amos22(out_dir: str, shape=(16, 32, 32), seed: int = 0, splits=None, overwrite: bool = False) -> str:
     """Write an AMOS22 release (``dataset.json``, imagesTr/labelsTr/imagesVa/labelsVa/imagesTs). CT cases are
-    numbered <= 500, MRI cases above; MRI case 507 has an oblique affine."""
+    numbered <= 500, MRI cases above; MRI cases 507 (training) and 510 (validation) have oblique affines."""
     import nibabel
     from .amos22 import LABELS, LAST_CT_ID
 
@@ -212,7 +212,8 @@ def amos22(out_dir: str, shape=(16, 32, 32), seed: int = 0, splits=None, overwri
             else:
                 image = (200.0 + 40.0 * label + rng.normal(0, 25, shape)).astype(np.float32)
                 zooms = (1.2, 1.2, 3.0)
-                direction = _rotation(0, 25.0) @ _rotation(2, 10.0) if number == 507 else np.diag([1.0, -1.0, 1.0])
+                direction = {507: _rotation(0, 25.0) @ _rotation(2, 10.0), 510: _rotation(1, -20.0)}.get(
+                    number, np.diag([1.0, -1.0, 1.0]))
             affine = np.eye(4)
             affine[:3, :3] = direction @ np.diag(zooms)
             affine[:3, 3] = rng.uniform(-150, 150, 3)
