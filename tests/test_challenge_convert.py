@@ -94,8 +94,8 @@ def test_amos22_tasks_and_validation_merge(tmp_path, task):
         io.write_seg(seg[0], out, props)
         back = nibabel.load(out)
         np.testing.assert_allclose(back.affine, affine, atol=1e-5)
-        np.testing.assert_array_equal(np.asanyarray(back.dataobj),
-                                      np.asanyarray(nibabel.load(os.path.join(rel, "labelsTr", "amos_0507.nii.gz")).dataobj))
+        original = nibabel.load(os.path.join(rel, "labelsTr", "amos_0507.nii.gz"))
+        np.testing.assert_array_equal(np.asanyarray(back.dataobj), np.asanyarray(original.dataobj))
         # validation kept separate on request
         folder2 = amos22.convert(str(rel), task=2, raw=raw, dataset_id=230, merge_validation=False, progress=False)
         assert _listing(folder2, "imagesVal") == ["amos_0008_0000.nii.gz", "amos_0510_0000.nii.gz"]

@@ -66,7 +66,8 @@ def test_kits21_roundtrip_nifti_and_grand_challenge(tmp_path):
     for f in out:
         seg, ref = sitk.ReadImage(f), sitk.ReadImage(str(inp / "images" / "ct" / os.path.basename(f)))
         _same_sitk_geometry(seg, ref)
-        maj = np.asanyarray(nibabel.load(os.path.join(rel, os.path.basename(f)[:-4], "aggregated_MAJ_seg.nii.gz")).dataobj)
+        maj_file = os.path.join(rel, os.path.basename(f)[:-4], "aggregated_MAJ_seg.nii.gz")
+        maj = np.asanyarray(nibabel.load(maj_file).dataobj)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(seg), np.moveaxis(maj, 0, -1))
     # the .mha -> NIfTI mapping of the organisers gives back the release's image and affine
     kits21.mha_to_kits_nifti("case_00001", str(inp / "images" / "ct" / "case_00001.mha"), str(tmp_path / "x.nii.gz"))

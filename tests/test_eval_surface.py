@@ -76,8 +76,8 @@ def test_surface_dice_equals_brute_force(seed):
 
 
 def test_shifted_box_hand_made_surface_dice():
-    """A box and the same box shifted by one voxel along axis 0 (spacing 2 mm there): every surface point of one
-    box is within 2 mm of the other's surface except none; at 1.9 mm only the side walls are."""
+    """A box and the same box shifted by one voxel along axis 0 (2 mm): every surface point lies within 2 mm of
+    the other surface (surface Dice 1 at 2 mm); at 1.9 mm the caps no longer count (brute force gives the value)."""
     gt = np.zeros((12, 8, 8), bool)
     gt[3:7, 2:6, 2:6] = True
     pred = np.roll(gt, 1, axis=0)

@@ -123,7 +123,8 @@ def run_segrap2023(input_dir: str, output_dir: str, predictor, work_dir: str, ta
     labels = predictor.dataset_json["labels"]
     model_task = {len(CLASSES[1]) + 1: 1, len(CLASSES[2]) + 1: 2}.get(len(labels))
     if model_task is None:
-        raise ChallengeError(f"the model predicts {len(labels)} labels; a SegRap2023 model has 55 (task 1) or 3 (task 2)")
+        raise ChallengeError(f"the model predicts {len(labels)} labels; a SegRap2023 model has 55 (task 1) "
+                             "or 3 (task 2)")
     if task is not None and task != model_task:
         raise ChallengeError(f"task {task} requested but the model is a task {model_task} model")
     if len(predictor.dataset_json["channel_names"]) != 2:
@@ -163,7 +164,8 @@ def run(challenge: str, model: str, input_dir: str = "/input", output_dir: str =
         mirroring: bool = True, task: int | None = None, work_dir: str | None = None) -> list:
     """Run the container entry point of ``challenge``; returns the files written."""
     if challenge not in CONTAINER_CHALLENGES:
-        raise ChallengeError(f"no container entry point for {challenge!r}; choose from {', '.join(CONTAINER_CHALLENGES)}")
+        raise ChallengeError(f"no container entry point for {challenge!r}; "
+                             f"choose from {', '.join(CONTAINER_CHALLENGES)}")
     if not os.path.isdir(input_dir):
         raise ChallengeError(f"input folder not found: {input_dir}")
     predictor = load_predictor(model, folds, checkpoint, device, step_size, mirroring)

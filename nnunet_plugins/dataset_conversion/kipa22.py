@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, Geometry, ReleaseLayoutError, build_dataset,
                      check_complete, check_geometry, check_label_values, list_images, place_sitk_file, read_sitk,
-                     run_parallel, write_like, write_sitk)
+                     run_parallel, write_like)
 
 CHALLENGE = "kipa22"
 DEFAULT_DATASET_ID = 603

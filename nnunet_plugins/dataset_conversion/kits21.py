@@ -27,8 +27,7 @@ import numpy as np
 
 from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, ChallengeError, Geometry, ReleaseLayoutError,
                      build_dataset, check_affine, check_complete, check_geometry, check_label_values, list_images,
-                     write_like,
-                     nifti_array, place_nifti_file, read_nifti, read_sitk, write_nifti, write_sitk)
+                     nifti_array, place_nifti_file, read_nifti, read_sitk, write_like, write_nifti, write_sitk)
 
 CHALLENGE = "kits21"
 DEFAULT_DATASET_ID = 135
@@ -97,7 +96,6 @@ def convert_case(dataset_dir: str, case: str, image: str, label: str, tolerance:
     seg = read_nifti(case, label)
     check_affine(case, image, img, label, seg, tolerance)
     check_label_values(case, label, nifti_array(case, label, seg), LABELS)
-    # label first: the image is the larger file and marks the case as done
     place_nifti_file(case, label, os.path.join(dataset_dir, "labelsTr", f"{case}.nii.gz"), img, tolerance, image)
     place_nifti_file(case, image, os.path.join(dataset_dir, "imagesTr", f"{case}_0000.nii.gz"))
 

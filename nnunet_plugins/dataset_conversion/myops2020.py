@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, ChallengeError, Geometry, ReleaseLayoutError,
+from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, Geometry, ReleaseLayoutError,
                      build_dataset, check_complete, check_geometry, check_label_values, list_images,
                      place_sitk_file, read_sitk, run_parallel, write_like, write_sitk)
 

@@ -30,8 +30,8 @@ import re
 
 import numpy as np
 
-from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, atomic_copy, CaseJob, ChallengeError, Geometry, ReleaseLayoutError,
-                     build_dataset, check_complete, check_geometry, check_label_values, list_images,
+from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, ChallengeError, Geometry, ReleaseLayoutError,
+                     atomic_copy, build_dataset, check_complete, check_geometry, check_label_values, list_images,
                      place_sitk_file, read_sitk, run_parallel, write_like, write_sitk, write_zip)
 
 CHALLENGE = "segrap2023"

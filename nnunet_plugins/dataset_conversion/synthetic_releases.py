@@ -23,7 +23,7 @@ import shutil
 
 import numpy as np
 
-from .common import ChallengeError, write_json, write_nifti, write_sitk
+from .common import ChallengeError, write_sitk
 
 CHALLENGES = ("kits21", "amos22", "segrap2023", "myops2020", "kipa22")
 
@@ -399,7 +399,8 @@ def kipa22(out_dir: str, train_ids=(0, 1, 2), test_ids=(70,), shape=(16, 32, 32)
             label[_ellipsoid(shape, (z / 2, h / 2, w / 2 + rng.uniform(-1, 1)), (z * 0.35, h * 0.3, w * 0.2))] = 2
             label[_ellipsoid(shape, (z / 2 + 2, h / 2 - 3, w / 2 + 3), (z * 0.15, h * 0.12, w * 0.1))] = 4
             label[:, int(h * 0.3):int(h * 0.3) + 2, int(w * 0.1):int(w * 0.4)] = 1        # vein
-            label[int(z * 0.6):int(z * 0.6) + 4, int(h * 0.6):int(h * 0.6) + 2, int(w * 0.1):int(w * 0.45)] = 3  # artery
+            z0, y0 = int(z * 0.6), int(h * 0.6)
+            label[z0:z0 + 4, y0:y0 + 2, int(w * 0.1):int(w * 0.45)] = 3   # artery
             hu = np.array([-50.0, 180.0, 150.0, 350.0, 80.0])[label] + rng.normal(0, 20, shape)
             image = np.clip(hu + offset, 0, 65535).round().astype(np.uint16)
             origin = tuple(rng.uniform(-50, 50, 3))
