@@ -1,0 +1,211 @@
+"""AMOS22 (Abdominal Multi-Organ Segmentation, amos22.grand-challenge.org; post-challenge release).
+
+Release layout::
+
+    amos22/dataset.json                 lists "training", "validation", "test" and the label names
+    amos22/imagesTr/amos_XXXX.nii.gz    labelsTr/amos_XXXX.nii.gz
+    amos22/imagesVa/amos_XXXX.nii.gz    labelsVa/amos_XXXX.nii.gz
+    amos22/imagesTs/amos_XXXX.nii.gz
+
+The case number is the only way to tell the modality: <= 500 is CT, above is MRI (the rule of nnU-Net's
+Dataset218/219 converters; the release's MRI cases are numbered from 501 up). Labels 0-15 (names from the
+shipped dataset.json). Task 1 uses the CT cases with channel ``CT`` (nnU-Net's CT normalisation); task 2
+uses all cases with channel ``zscore`` (per-image z-score, since CT and MRI intensities share no scale).
+As nnU-Net's converters do, the validation cases (whose labels the post-challenge release includes) are
+merged into training by default (5-fold cross-validation instead of an arbitrary split); otherwise they go
+to ``imagesVal``/``labelsVal``, which nnU-Net ignores. MRI orientations vary and some are oblique, so the
+files are copied unchanged and read with ``NibabelIOWithReorient`` (predictions come back in the input
+geometry).
+
+Submissions: validation phase = a zip of ``amos_XXXX.nii.gz`` (one per validation image of the task, labels
+0-15, input geometry); test phase = a container reading ``/input/*.nii.gz`` and writing same-named files to
+``/output``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+
+from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, ChallengeError, ReleaseLayoutError,
+                     build_dataset, check_affine, check_complete, check_label_values, list_images, nifti_array,
+                     place_nifti_file, read_nifti, run_parallel, write_like, write_zip)
+
+CHALLENGE = "amos22"
+DEFAULT_DATASET_IDS = {1: 218, 2: 219}
+DEFAULT_NAMES = {1: "AMOS2022_task1", 2: "AMOS2022_task2"}
+LAST_CT_ID = 500
+LABELS = {0: "background", 1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gall bladder", 5: "esophagus",
+          6: "liver", 7: "stomach", 8: "aorta", 9: "postcava", 10: "pancreas", 11: "right adrenal gland",
+          12: "left adrenal gland", 13: "duodenum", 14: "bladder", 15: "prostate/uterus"}
+CHANNEL_NAMES = {1: "CT", 2: "zscore"}
+CASE_PATTERN = re.compile(r"^amos_(\d{4})$")
+SPLITS = {"training": ("imagesTr", "labelsTr"), "validation": ("imagesVa", "labelsVa"), "test": ("imagesTs", None)}
+
+
+def case_number(case: str) -> int:
+    m = CASE_PATTERN.match(case)
+    if not m:
+        raise ChallengeError(f"{case!r} is not an AMOS case name (amos_XXXX)")
+    return int(m.group(1))
+
+
+def is_ct(case: str) -> bool:
+    return case_number(case) <= LAST_CT_ID
+
+
+def in_task(case: str, task: int) -> bool:
+    return task == 2 or is_ct(case)
+
+
+def _check_task(task: int) -> None:
+    if task not in (1, 2):
+        raise ChallengeError(f"AMOS22 task must be 1 (CT) or 2 (CT and MRI), got {task}")
+
+
+def read_release(release_dir: str) -> tuple[dict, dict]:
+    """(shipped dataset.json, {split: [case ids]}) of an AMOS22 release folder."""
+    path = os.path.join(release_dir, "dataset.json")
+    if not os.path.isdir(release_dir) or not os.path.isfile(path):
+        raise ReleaseLayoutError(f"{release_dir} is not an AMOS22 release: expected dataset.json with imagesTr, "
+                                 "labelsTr, imagesVa, labelsVa, imagesTs next to it")
+    try:
+        with open(path) as f:
+            shipped = json.load(f)
+    except Exception as e:
+        raise ReleaseLayoutError(f"cannot read {path}: {e}") from None
+    splits = {}
+    for split in SPLITS:
+        entries = shipped.get(split, [])
+        ids = []
+        for e in entries:
+            image = e["image"] if isinstance(e, dict) else e
+            stem = os.path.basename(image)
+            if not stem.endswith(".nii.gz"):
+                raise ReleaseLayoutError(f"{path}: unexpected {split} entry {image!r}")
+            ids.append(stem[:-7])
+        splits[split] = ids
+    if not splits["training"]:
+        raise ReleaseLayoutError(f"{path} lists no training cases")
+    return shipped, splits
+
+
+def label_names(shipped: dict) -> dict:
+    """{name: value} from the shipped dataset.json (validated against the AMOS label values 0-15)."""
+    raw = shipped.get("labels")
+    if not isinstance(raw, dict):
+        return {v: k for k, v in LABELS.items()}
+    names = {}
+    for value, name in raw.items():
+        value = int(value)
+        if value not in LABELS:
+            raise ReleaseLayoutError(f"dataset.json of the release lists label {value}, not an AMOS22 label (0-15)")
+        names[str(name)] = value
+    if sorted(names.values()) != sorted(LABELS):
+        raise ReleaseLayoutError(f"dataset.json of the release lists labels {sorted(names.values())}, expected 0-15")
+    return dict(sorted(names.items(), key=lambda kv: kv[1]))
+
+
+def convert_case(dataset_dir: str, case: str, image: str, label: str | None, image_out: str,
+                 label_out: str | None, tolerance: float) -> None:
+    img = read_nifti(case, image)
+    if label is not None:
+        seg = read_nifti(case, label)
+        check_affine(case, image, img, label, seg, tolerance)
+        check_label_values(case, label, nifti_array(case, label, seg), LABELS)
+        place_nifti_file(case, label, os.path.join(dataset_dir, label_out), img, tolerance, image)
+    place_nifti_file(case, image, os.path.join(dataset_dir, image_out))
+
+
+def convert(release_dir: str, task: int = 2, raw: str | None = None, dataset_id: int | None = None,
+            name: str | None = None, merge_validation: bool = True, num_processes: int = 1,
+            overwrite: bool = False, tolerance: float = DEFAULT_GEOMETRY_TOLERANCE, progress: bool = True) -> str:
+    """Convert the AMOS22 release for task 1 (CT) or 2 (CT + MRI); see the module docstring."""
+    _check_task(task)
+    shipped, splits = read_release(release_dir)
+    names = label_names(shipped)
+    jobs, num_training = [], 0
+    for split, cases in splits.items():
+        image_folder, label_folder = SPLITS[split]
+        for case in cases:
+            if not in_task(case, task):
+                continue
+            image = os.path.join(release_dir, image_folder, f"{case}.nii.gz")
+            label = os.path.join(release_dir, label_folder, f"{case}.nii.gz") if label_folder else None
+            if not os.path.isfile(image):
+                raise CaseError(case, image, f"missing image listed in the release's dataset.json ({split})")
+            if label is not None and not os.path.isfile(label):
+                raise CaseError(case, label, f"missing label listed in the release's dataset.json ({split})")
+            if split == "test":
+                image_out, label_out = os.path.join("imagesTs", f"{case}_0000.nii.gz"), None
+            elif split == "training" or merge_validation:
+                image_out = os.path.join("imagesTr", f"{case}_0000.nii.gz")
+                label_out = os.path.join("labelsTr", f"{case}.nii.gz")
+                num_training += 1
+            else:
+                image_out = os.path.join("imagesVal", f"{case}_0000.nii.gz")
+                label_out = os.path.join("labelsVal", f"{case}.nii.gz")
+            jobs.append(CaseJob(case, f"{__name__}:convert_case",
+                                {"case": case, "image": image, "label": label, "image_out": image_out,
+                                 "label_out": label_out, "tolerance": tolerance},
+                                [o for o in (image_out, label_out) if o]))
+    dj = {
+        "channel_names": {"0": CHANNEL_NAMES[task]},
+        "labels": names,
+        "numTraining": num_training,
+        "file_ending": ".nii.gz",
+        "overwrite_image_reader_writer": "NibabelIOWithReorient",
+        "name": DEFAULT_NAMES[task],
+        "reference": "https://amos22.grand-challenge.org/",
+        "description": f"AMOS22 task {task} ({'CT' if task == 1 else 'CT and MRI'}) converted by nnunet-plugins"
+                       + ("; validation cases merged into training" if merge_validation else ""),
+        "conversion": {"tool": "nnunet-plugins", "challenge": CHALLENGE, "task": task,
+                       "merge_validation": merge_validation},
+    }
+    return build_dataset(raw, dataset_id or DEFAULT_DATASET_IDS[task], name or DEFAULT_NAMES[task], jobs, dj,
+                         num_processes=num_processes, overwrite=overwrite, progress=progress)
+
+
+# ------------------------------------------------------------------------------------------- export
+
+def reference_images(images: str, task: int) -> dict:
+    """{case: image} of the task's cases in a folder of AMOS images (e.g. the release's imagesVa, /input, or
+    nnU-Net's imagesTs with _0000 names)."""
+    refs = {}
+    for stem, path in list_images(images, (".nii.gz",)).items():
+        case = stem[:-5] if stem.endswith("_0000") else stem
+        if CASE_PATTERN.match(case) and in_task(case, task):
+            refs[case] = path
+    if not refs:
+        raise ReleaseLayoutError(f"no AMOS22 task {task} images (amos_XXXX.nii.gz) in {images}")
+    return refs
+
+
+def export_case(case: str, prediction: str, reference: str, out_path: str, tolerance: float) -> str:
+    ref = read_nifti(case, reference)
+    pred = read_nifti(case, prediction)
+    check_affine(case, reference, ref, prediction, pred, tolerance)
+    array = np.asarray(nifti_array(case, prediction, pred))
+    check_label_values(case, prediction, array, LABELS)
+    return write_like(case, reference, array, out_path, order="nibabel")
+
+
+def export(pred_dir: str, out_dir: str, images: str, task: int = 2, archive: str | None = "auto",
+           num_processes: int = 1, tolerance: float = DEFAULT_GEOMETRY_TOLERANCE, progress: bool = True) -> dict:
+    """nnU-Net predictions -> AMOS22 submission: ``out_dir/amos_XXXX.nii.gz`` for every image of the task in
+    ``images`` (labels 0-15, uint8, the image's exact affine) and, unless ``archive`` is None, the zip the
+    validation phase takes (``auto``: ``out_dir/amos22_task{task}_submission.zip``)."""
+    _check_task(task)
+    refs = reference_images(images, task)
+    preds = list_images(pred_dir, (".nii.gz",))
+    check_complete(refs, preds, f"AMOS22 task {task} predictions", pred_dir)
+    items = [(c, {"case": c, "prediction": preds[c], "reference": r, "out_path": os.path.join(out_dir, f"{c}.nii.gz"),
+                  "tolerance": tolerance}) for c, r in refs.items()]
+    written = run_parallel(f"{__name__}:export_case", items, num_processes, desc="exporting AMOS22", progress=progress)
+    result = {"files": [written[c] for c in refs]}
+    if archive:
+        zip_path = os.path.join(out_dir, f"amos22_task{task}_submission.zip") if archive == "auto" else archive
+        result["archive"] = write_zip([(os.path.basename(p), p) for p in result["files"]], zip_path)
+    return result

@@ -1,0 +1,166 @@
+"""Shared parts of the challenge evaluators: overlap metrics, the parallel per-case runner, result tables."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import shutil
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from typing import Sequence
+
+import numpy as np
+
+from nnunet_plugins.dataset_conversion.common import ChallengeError, run_parallel, write_json, write_text
+
+
+def dice(mask_a: np.ndarray, mask_b: np.ndarray, both_empty: float = 1.0) -> float:
+    """2|A and B| / (|A| + |B|); ``both_empty`` when both masks are empty (challenges differ here)."""
+    a = np.asarray(mask_a, dtype=bool)
+    b = np.asarray(mask_b, dtype=bool)
+    total = int(a.sum()) + int(b.sum())
+    if total == 0:
+        return float(both_empty)
+    return 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+@contextmanager
+def opened_predictions(path: str):
+    """Yield a folder with the predictions: ``path`` itself, or a zip archive extracted to a temporary folder."""
+    if os.path.isfile(path) and zipfile.is_zipfile(path):
+        tmp = tempfile.mkdtemp(prefix="nnunet_plugins_eval_")
+        try:
+            with zipfile.ZipFile(path) as z:
+                for member in z.namelist():
+                    target = os.path.realpath(os.path.join(tmp, member))
+                    if not target.startswith(os.path.realpath(tmp) + os.sep):
+                        raise ChallengeError(f"{path}: archive member {member!r} points outside the archive")
+                z.extractall(tmp)
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.isdir(path):
+        yield path
+    else:
+        raise ChallengeError(f"predictions not found (need a folder or a .zip): {path}")
+
+
+def unwrap(folder: str, accept) -> str:
+    """Descend through single wrapper folders (e.g. a zip's ``results/``) until ``accept(folder)`` holds."""
+    while not accept(folder):
+        entries = [e for e in os.listdir(folder) if not e.startswith(".") and e != "__MACOSX"]
+        if len(entries) == 1 and os.path.isdir(os.path.join(folder, entries[0])):
+            folder = os.path.join(folder, entries[0])
+        else:
+            break
+    return folder
+
+
+def run_cases(dotted: str, items: Sequence[tuple[str, dict]], num_processes: int, desc: str,
+              progress: bool = True) -> list[dict]:
+    """Evaluate cases in parallel; each call returns a list of row dicts. Rows come back in ``items`` order."""
+    results = run_parallel(dotted, items, num_processes, desc=desc, progress=progress)
+    rows = []
+    for key, _ in items:
+        rows.extend(results[key])
+    return rows
+
+
+def _mean(values) -> float:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def summarize(rows: list[dict], metrics: Sequence[str], structures: Sequence[str], group_by: str | None = None) \
+        -> dict:
+    """Means over cases of every ``metric_structure`` column (nan entries skipped, their number reported), and
+    each metric's mean over structures; separately per value of ``group_by`` if given."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r.get(group_by) if group_by else "all", []).append(r)
+    summary = {}
+    for g, grows in groups.items():
+        per_column, nan_counts = {}, {}
+        for m in metrics:
+            for s in structures:
+                col = f"{m}_{s}"
+                values = [r[col] for r in grows if col in r]
+                per_column[col] = _mean(values)
+                n_nan = sum(1 for v in values if v is None or (isinstance(v, float) and math.isnan(v)))
+                if n_nan:
+                    nan_counts[col] = n_nan
+        over_structures = {m: _mean([per_column[f"{m}_{s}"] for s in structures]) for m in metrics}
+        summary[g] = {"num_cases": len(grows), "mean": per_column, "mean_over_structures": over_structures}
+        if nan_counts:
+            summary[g]["nan_cases"] = nan_counts
+    return summary
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else ("inf" if math.isinf(v) else f"{v:.8f}")
+    return str(v)
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    columns = []
+    for r in rows:
+        for k in r:
+            if k not in columns:
+                columns.append(k)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([_fmt(r.get(c, "")) for c in columns])
+    return buf.getvalue()
+
+
+def write_results(challenge: str, rows: list[dict], summary: dict, out_dir: str, meta: dict) -> dict:
+    """Write ``<challenge>_per_case.csv``, ``<challenge>_summary.csv`` and ``<challenge>_evaluation.json``."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"per_case_csv": os.path.join(out_dir, f"{challenge}_per_case.csv"),
+             "summary_csv": os.path.join(out_dir, f"{challenge}_summary.csv"),
+             "json": os.path.join(out_dir, f"{challenge}_evaluation.json")}
+    write_text(rows_to_csv(rows), paths["per_case_csv"])
+    summary_rows = []
+    for group, s in summary.items():
+        row = {"group": group, "num_cases": s["num_cases"]}
+        row.update(s["mean"])
+        row.update({f"{m}_mean_over_structures": v for m, v in s["mean_over_structures"].items()})
+        summary_rows.append(row)
+    write_text(rows_to_csv(summary_rows), paths["summary_csv"])
+
+    def clean(o):
+        if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
+            return str(o)
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [clean(v) for v in o]
+        return o
+
+    write_json(clean({"challenge": challenge, **meta, "summary": summary, "per_case": rows}), paths["json"])
+    return paths
+
+
+def format_summary(challenge: str, summary: dict, metrics: Sequence[str], structures: Sequence[str]) -> str:
+    lines = []
+    for group, s in summary.items():
+        title = f"{challenge}: {s['num_cases']} cases" + ("" if group == "all" else f" (reference: {group})")
+        lines.append(title)
+        width = max(len(x) for x in structures) + 2
+        lines.append(" " * width + "".join(f"{m:>12}" for m in metrics))
+        for st in structures:
+            lines.append(f"{st:<{width}}" + "".join(f"{_fmt_short(s['mean'][f'{m}_{st}']):>12}" for m in metrics))
+        lines.append(f"{'mean':<{width}}" + "".join(f"{_fmt_short(s['mean_over_structures'][m]):>12}"
+                                                  for m in metrics))
+        for col, n in s.get("nan_cases", {}).items():
+            lines.append(f"  note: {col} undefined (nan) in {n} case(s), left out of its mean")
+    return "\n".join(lines)
+
+
+def _fmt_short(v) -> str:
+    return "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.4f}"
