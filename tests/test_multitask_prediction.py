@@ -92,7 +92,10 @@ def test_data_iterator_predicts_and_writes_combined_labels(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
     with pytest.raises(KeyError, match="not a task"):
         p.predict_from_data_iterator(iter([{"data": torch.randn(2, 8, 24, 20), "ofile": str(tmp_path / "Z_c"),
-                                            "data_properties": properties()}]), num_processes_segmentation_export=1)
+                                            "data_properties": properties()}]), num_processes_segmentation_export=0)
+    # in-process export writes the same file as the worker pool
+    again = p.predict_from_data_iterator(iter(items[:1]), num_processes_segmentation_export=0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(again[0])), sitk.GetArrayFromImage(b))
 
 
 def test_export_task_prediction_uses_the_value_table(tmp_path):

@@ -54,8 +54,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("-device", "--device", default="cuda", choices=("cuda", "cpu", "mps"))
     p.add_argument("--step-size", type=float, default=0.5)
     p.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation")
-    p.add_argument("-npp", type=int, default=2, help="preprocessing processes")
-    p.add_argument("-nps", type=int, default=2, help="export processes")
+    p.add_argument("-npp", type=int, default=2, help="preprocessing processes (0: in this process)")
+    p.add_argument("-nps", type=int, default=2, help="export processes (0: in this process)")
     p.set_defaults(func=run_predict)
 
     p = subparsers.add_parser("export-multitask", help="write combined-label predictions in the source labels",

@@ -149,39 +149,52 @@ class MultiTaskPredictor(nnUNetPredictor):
         self.set_task(task)
         return self.predict_logits_from_preprocessed_data(data)
 
+    def _predict_item(self, item: dict, pool, pending: list) -> str:
+        """Predict one preprocessed case for its task and export it (in ``pool`` if given)."""
+        data = item["data"]
+        if isinstance(data, str):
+            path = data
+            data = torch.from_numpy(np.load(path))
+            os.remove(path)
+        ofile = item["ofile"]
+        if ofile is None:
+            raise ValueError("multi-task prediction needs output file names (they carry the task prefix)")
+        task = self.task_of_output(ofile)
+        if pool is not None:
+            while check_workers_alive_and_busy(pool, list(pool._pool), pending, allowed_num_queued=2):
+                sleep(0.1)
+        logits = self.predict_case_logits(data, task).cpu().numpy()
+        out = ofile + self.dataset_json["file_ending"]
+        args = (logits, item["data_properties"], self.configuration_manager, self.plans_manager, self.label_manager,
+                self.value_lut(task), out)
+        if pool is None:
+            export_task_prediction(*args)
+        else:
+            pending.append(pool.apply_async(export_task_prediction, args))
+        return out
+
     def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
                                    num_processes_segmentation_export: int = default_num_processes):
         """nnU-Net's loop over preprocessed cases, with each case predicted for its task.
 
         Writes ``<ofile><file_ending>`` in the combined label values; returns the written files.
+        ``num_processes_segmentation_export`` 0 exports in this process.
         """
         if save_probabilities:
             raise ValueError("saving probabilities is not supported for multi-task predictions (the probability "
                              "channels differ per task)")
         written = []
-        with multiprocessing.get_context("spawn").Pool(max(1, num_processes_segmentation_export)) as pool:
-            workers = list(pool._pool)
-            pending = []
+        if num_processes_segmentation_export <= 0:
+            # in-process export (no worker processes), as nnU-Net's predict_from_files_sequential
             for item in data_iterator:
-                data = item["data"]
-                if isinstance(data, str):
-                    path = data
-                    data = torch.from_numpy(np.load(path))
-                    os.remove(path)
-                ofile = item["ofile"]
-                if ofile is None:
-                    raise ValueError("multi-task prediction needs output file names (they carry the task prefix)")
-                task = self.task_of_output(ofile)
-                while check_workers_alive_and_busy(pool, workers, pending, allowed_num_queued=2):
-                    sleep(0.1)
-                logits = self.predict_case_logits(data, task).cpu().numpy()
-                out = ofile + self.dataset_json["file_ending"]
-                pending.append(pool.apply_async(export_task_prediction, (
-                    logits, item["data_properties"], self.configuration_manager, self.plans_manager,
-                    self.label_manager, self.value_lut(task), out)))
-                written.append(out)
-            for r in pending:
-                r.get()
+                written.append(self._predict_item(item, None, []))
+        else:
+            with multiprocessing.get_context("spawn").Pool(num_processes_segmentation_export) as pool:
+                pending = []
+                for item in data_iterator:
+                    written.append(self._predict_item(item, pool, pending))
+                for r in pending:
+                    r.get()
         if hasattr(data_iterator, "_finish"):
             data_iterator._finish()
         return written
@@ -238,6 +251,15 @@ def export_folder_to_source(spec: MultiTaskSpec, prediction_folder: str, output_
                              subfolder_per_task) for f in files]
 
 
+def sequential_data_iterator(predictor: nnUNetPredictor, list_of_lists: list, output_files: list):
+    """nnU-Net's preprocessing in this process, one case at a time (no worker processes)."""
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=predictor.verbose_preprocessing)
+    for files, ofile in zip(list_of_lists, output_files):
+        data, _, properties = preprocessor.run_case(files, None, predictor.plans_manager,
+                                                    predictor.configuration_manager, predictor.dataset_json)
+        yield {"data": torch.from_numpy(data), "ofile": ofile, "data_properties": properties}
+
+
 def predict_multitask(model_folder: str, input_folder: str, output_folder: str, *, folds=None,
                       checkpoint_name: str = "checkpoint_final.pth", task=None, source_labels_folder: str | None = None,
                       device: torch.device = torch.device("cpu"), tile_step_size: float = 0.5,
@@ -245,6 +267,7 @@ def predict_multitask(model_folder: str, input_folder: str, output_folder: str, 
                       num_processes_export: int = 2, verbose: bool = False) -> list[str]:
     """Predict every case of ``input_folder`` for its task; see ``nnunet-plugins predict-multitask``.
 
+    ``num_processes_preprocessing`` / ``num_processes_export`` 0: no worker processes (small jobs).
     ``input_folder`` holds images in the combined dataset's format (``<tag>_<case>_<cccc>.nii.gz``,
     normalised, all channels), or - with ``task`` - raw images of that source task in the source's own
     format, which are normalised and padded here exactly as ``combine`` does.
@@ -263,7 +286,7 @@ def predict_multitask(model_folder: str, input_folder: str, output_folder: str, 
             predictor.forced_task = t
             if not spec.implicit:
                 tmp = tempfile.mkdtemp(prefix="nnunet_plugins_predict_")
-                convert_source_images(spec, t, input_folder, tmp, num_processes_preprocessing)
+                convert_source_images(spec, t, input_folder, tmp, max(1, num_processes_preprocessing))
                 input_folder = tmp
         ending = predictor.dataset_json["file_ending"]
         try:
@@ -278,10 +301,14 @@ def predict_multitask(model_folder: str, input_folder: str, output_folder: str, 
                 spec.task_of_case(case)  # unknown prefixes fail before any work
         os.makedirs(output_folder, exist_ok=True)
         names = sorted(cases)
-        written = predictor.predict_from_files([cases[c] for c in names], [os.path.join(output_folder, c) for c in names],
-                                               save_probabilities=False, overwrite=True,
-                                               num_processes_preprocessing=num_processes_preprocessing,
-                                               num_processes_segmentation_export=num_processes_export)
+        lists, outputs = [cases[c] for c in names], [os.path.join(output_folder, c) for c in names]
+        if num_processes_preprocessing <= 0:
+            written = predictor.predict_from_data_iterator(sequential_data_iterator(predictor, lists, outputs),
+                                                           num_processes_segmentation_export=num_processes_export)
+        else:
+            written = predictor.predict_from_files(lists, outputs, save_probabilities=False, overwrite=True,
+                                                   num_processes_preprocessing=num_processes_preprocessing,
+                                                   num_processes_segmentation_export=num_processes_export)
         if source_labels_folder is not None:
             written = [export_to_source(spec, f, source_labels_folder,
                                         os.path.basename(f)[:-len(ending)]) for f in written]
