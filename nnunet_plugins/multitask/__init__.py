@@ -15,6 +15,9 @@ Workflow::
     nnunet-plugins predict-multitask -d 600 -tr UniSegTrainer -f 0 -i IMAGES -o OUT [--task TAG]
                                      [--source-labels OUT_SRC]      # per-task prediction (+ source labels)
     nnunet-plugins export-multitask -d 600 -i OUT -o OUT_SRC        # combined labels -> source labels
+    nnunet-plugins uniseg-backbone -m MODEL_FOLDER -f 0 -d 601      # UniSeg only: backbone for fine-tuning
+
+    predict-multitask: ``-npp 0 -nps 0`` runs without worker processes (small jobs, tests).
 
 Combined dataset (``combine``)
     case names ``<tag>_<source case>`` (tag: letters/digits, the source dataset's name by default);

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 
@@ -345,7 +345,3 @@ def load_spec(dataset_json_file: str, allow_implicit: bool = True) -> MultiTaskS
     with open(dataset_json_file) as f:
         return MultiTaskSpec.from_dataset_json(json.load(f), allow_implicit=allow_implicit)
 
-
-def check_sequence_lengths(name: str, values: Sequence, expected: int) -> None:
-    if len(values) != expected:
-        raise ValueError(f"{name}: expected {expected} entries, got {len(values)}")

@@ -49,7 +49,6 @@ num_output_channels, enable_deep_supervision)`` (static)
 from __future__ import annotations
 
 import multiprocessing
-import os
 import warnings
 from time import sleep
 
