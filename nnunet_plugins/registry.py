@@ -44,6 +44,18 @@ register(Method(
     dimensions=("3d",),
 ))
 
+register(Method(
+    name="UniSeg",
+    paper="Ye, Xie, Zhang, Chen, Xia. UniSeg: A Prompt-driven Universal Segmentation Model as well as A Strong "
+          "Representation Learner. MICCAI 2023",
+    summary="nnU-Net U-Net + learnable universal prompt fused with the bottleneck into a task-specific prompt at the "
+            "decoder input; one model for many partially labelled tasks (combine datasets with "
+            "`nnunet-plugins combine`, predict with `nnunet-plugins predict-multitask`)",
+    trainers=("nnunet_plugins.trainers.uniseg.UniSegTrainer",),
+    networks=("nnunet_plugins.architectures.uniseg.UniSeg",),
+    dimensions=("2d", "3d"),
+))
+
 
 def resolve(dotted: str):
     """Import ``package.module.Name`` and return ``Name``."""

@@ -1,5 +1,7 @@
 """nnU-Net trainers of this package. Everything exported here is visible to ``nnUNetv2_train -tr``."""
 from nnunet_plugins.trainers.base import PluginTrainer
 from nnunet_plugins.trainers.cotr import CoTrTrainer
+from nnunet_plugins.trainers.multitask import MultiTaskTrainer
+from nnunet_plugins.trainers.uniseg import UniSegTrainer
 
-__all__ = ["PluginTrainer", "CoTrTrainer"]
+__all__ = ["PluginTrainer", "CoTrTrainer", "MultiTaskTrainer", "UniSegTrainer"]
