@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "nnunet_plugins.commands.synthetic",
     "nnunet_plugins.commands.plan",
     "nnunet_plugins.commands.demo",
+    "nnunet_plugins.commands.banet",
 )
 
 

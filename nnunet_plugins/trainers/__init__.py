@@ -1,5 +1,6 @@
 """nnU-Net trainers of this package. Everything exported here is visible to ``nnUNetv2_train -tr``."""
 from nnunet_plugins.trainers.base import PluginTrainer
 from nnunet_plugins.trainers.cotr import CoTrTrainer
+from nnunet_plugins.trainers.banet import BANetTrainer, BANetTrainer_consistency
 
-__all__ = ["PluginTrainer", "CoTrTrainer"]
+__all__ = ["PluginTrainer", "CoTrTrainer", "BANetTrainer", "BANetTrainer_consistency"]
