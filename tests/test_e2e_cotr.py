@@ -83,5 +83,6 @@ def test_cotr_plan_train_continue_predict(nnunet_env, tmp_path):
         assert set(np.unique(pred)) <= {0, 1, 2}
         dices += [_dice(ref, pred, 1), _dice(ref, pred, 2)]
     # learned: an untrained or broken model is far below this (chance-level overlap of these small
-    # structures is a few percent); 120 tiny-CoTr iterations reach well above it
-    assert np.mean(dices) > 0.5, dices
+    # structures is a few percent); 120 tiny-CoTr iterations reach about 0.9 (validation fold: 0.92)
+    print("held-out Dice", dices)
+    assert np.mean(dices) > 0.7, dices

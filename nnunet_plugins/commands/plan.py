@@ -9,6 +9,7 @@ is the same as ``nnUNetv2_preprocess -d ID -plans_name <plans name> -c <configur
 from __future__ import annotations
 
 import json
+import os
 
 
 def add_parser(subparsers) -> None:
@@ -58,6 +59,11 @@ def plan_dataset(dataset: str | int, method: str, *, plans_name: str | None = No
         kwargs["plans_name"] = plans_name
     if overwrite_target_spacing is not None:
         kwargs["overwrite_target_spacing"] = [float(s) for s in overwrite_target_spacing]
+    if os.environ.get("nnUNet_n_proc_DA", "").strip() == "0":
+        # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA) for its memory estimate and
+        # crashes on 0, the value that makes CPU training fastest; planning does not need augmentation
+        # workers, so plan with 1
+        os.environ["nnUNet_n_proc_DA"] = "1"
     planner = planner_class(dataset_id, **kwargs)
     if patch_size is not None:
         planner.patch_size_override = list(patch_size)

@@ -17,10 +17,20 @@ from __future__ import annotations
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
+from nnunet_plugins.architectures.cotr import CoTr
 from nnunet_plugins.planners.common import fit_to_divisor, patch_for_voxel_budget
 
-COTR_NETWORK = "nnunet_plugins.architectures.cotr.CoTr"
-COTR_DIVISOR = (8, 16, 16)
+COTR_NETWORK = f"{CoTr.__module__}.{CoTr.__name__}"
+COTR_DIVISOR = CoTr.required_divisor
+
+
+def fit_cotr_patch(patch_size) -> list[int]:
+    """Nearest patch CoTr can train on: axes multiples of (8, 16, 16), deepest level above one voxel
+    (instance norm cannot normalise a single voxel)."""
+    patch = fit_to_divisor(patch_size, COTR_DIVISOR)
+    if all(p == d for p, d in zip(patch, COTR_DIVISOR)):
+        patch[-1] *= 2
+    return patch
 OFFICIAL_PATCH = (48, 192, 192)
 OFFICIAL_BATCH_SIZE = 2
 
@@ -53,10 +63,10 @@ class CoTrPlanner(ExperimentPlanner):
         if len(spacing) != 3:
             return plan  # the 2d configuration is dropped in save_plans
         if self.patch_size_override is not None:
-            patch = fit_to_divisor(self.patch_size_override, COTR_DIVISOR)
+            patch = fit_cotr_patch(self.patch_size_override)
         else:
             budget = float(np.prod(OFFICIAL_PATCH)) * self.UNet_vram_target_GB / 8.0
-            patch = patch_for_voxel_budget(spacing, median_shape, budget, COTR_DIVISOR)
+            patch = fit_cotr_patch(patch_for_voxel_budget(spacing, median_shape, budget, COTR_DIVISOR))
         plan["patch_size"] = tuple(patch)
         plan["batch_size"] = int(self.batch_size_override or OFFICIAL_BATCH_SIZE)
         # the U-Net's pooling is meaningless for CoTr; keep nnU-Net's keys consistent with CoTr's strides

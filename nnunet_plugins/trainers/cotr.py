@@ -13,7 +13,6 @@ What CoTr changes relative to ``nnUNetTrainer`` and nothing else:
   (1/4,1/8,1/8), not at nnU-Net's pooling scales; targets are downsampled to exactly these. The loss
   weights follow the official trainer (1, 1/2, 1/4, 1/8, normalised; with the BCV plans the official
   code masks only a fifth, non-existent output, so all four CoTr outputs count);
-* ``set_deep_supervision_enabled`` toggles ``CoTr.deep_supervision`` (CoTr has no ``decoder``).
 
 Optimiser and schedule are the paper's and nnU-Net's defaults alike: SGD lr 1e-2, momentum 0.99
 (Nesterov), weight decay 3e-5, poly decay 0.9 over 1000 epochs x 250 iterations, gradient clipping
@@ -25,24 +24,12 @@ import numpy as np
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunet_plugins.planners.common import fit_to_divisor
-from nnunet_plugins.planners.cotr import COTR_DIVISOR, COTR_NETWORK
+from nnunet_plugins.architectures.cotr import CoTr
+from nnunet_plugins.planners.cotr import COTR_NETWORK, fit_cotr_patch
 from nnunet_plugins.trainers.base import PluginTrainer
 
-# CoTr's outputs relative to the input: full resolution, then its three deep-supervision heads
-COTR_DS_SCALES = ((1.0, 1.0, 1.0), (1.0, 0.5, 0.5), (0.5, 0.25, 0.25), (0.25, 0.125, 0.125))
+# loss weights of CoTr's outputs [full, ds0, ds1, ds2] (official trainer, see the module docstring)
 COTR_DS_WEIGHTS = (1.0, 0.5, 0.25, 0.125)
-
-
-def check_cotr_patch(patch_size, where: str = "the plans") -> None:
-    if len(patch_size) != 3:
-        raise ValueError(f"CoTr is a 3-D network, but {where} give a {len(patch_size)}-D patch {list(patch_size)}; "
-                         f"train a 3-D configuration (3d_fullres)")
-    bad = [p for p, d in zip(patch_size, COTR_DIVISOR) if p % d or p < d]
-    if bad:
-        raise ValueError(f"CoTr needs every patch axis to be a positive multiple of {COTR_DIVISOR}, but {where} give "
-                         f"{list(patch_size)}; plan with `nnunet-plugins plan -m CoTr` or use a patch such as "
-                         f"{fit_to_divisor(patch_size, COTR_DIVISOR)}")
 
 
 class CoTrTrainer(PluginTrainer):
@@ -51,20 +38,19 @@ class CoTrTrainer(PluginTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         patch = list(self.configuration_manager.patch_size)
         if len(patch) != 3:
-            check_cotr_patch(patch, f"configuration {configuration!r}")
-        fitted = fit_to_divisor(patch, COTR_DIVISOR)
+            raise ValueError(f"CoTr is a 3-D network, but configuration {configuration!r} has a {len(patch)}-D patch "
+                             f"{patch}; train a 3-D configuration such as 3d_fullres")
+        fitted = fit_cotr_patch(patch)
         if fitted != patch:
-            self.print_to_log_file(f"CoTr needs patch axes divisible by {COTR_DIVISOR}: patch {patch} -> {fitted}")
+            self.print_to_log_file(f"CoTr needs patch axes divisible by {CoTr.required_divisor}: "
+                                   f"patch {patch} -> {fitted}")
             self.update_configuration(patch_size=fitted)
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> torch.nn.Module:
-        from nnunet_plugins.architectures.cotr import CoTr
-
-        patch = list(configuration_manager.patch_size)
-        check_cotr_patch(patch)
+        patch = configuration_manager.patch_size
         kwargs = {}
         if configuration_manager.network_arch_class_name == COTR_NETWORK:
             kwargs = dict(configuration_manager.network_arch_init_kwargs)
@@ -72,7 +58,7 @@ class CoTrTrainer(PluginTrainer):
                     deep_supervision=enable_deep_supervision, **kwargs)
 
     def _get_deep_supervision_scales(self):
-        return [list(s) for s in COTR_DS_SCALES] if self.enable_deep_supervision else None
+        return [list(s) for s in CoTr.deep_supervision_scales] if self.enable_deep_supervision else None
 
     def _build_loss(self):
         loss = super()._build_loss()
@@ -80,6 +66,3 @@ class CoTrTrainer(PluginTrainer):
             weights = np.asarray(COTR_DS_WEIGHTS)
             loss.weight_factors = tuple(weights / weights.sum())
         return loss
-
-    def set_deep_supervision_enabled(self, enabled: bool):
-        self.unwrapped_network.deep_supervision = enabled

@@ -1,0 +1,385 @@
+"""CoTr: a CNN encoder, a deformable transformer over its two deepest levels, an additive-skip decoder.
+
+Paper: Y. Xie, J. Zhang, C. Shen, Y. Xia. "CoTr: Efficiently Bridging CNN and Transformer for 3D
+Medical Image Segmentation". MICCAI 2021. Official code: github.com/YtongXie/CoTr (``ResTranUnet`` /
+``U_ResTran3D``); this is our own implementation of that architecture.
+
+Architecture (defaults = the official configuration)
+----------------------------------------------------
+Input ``(B, C_in, D, H, W)``; ``D`` divisible by 8, ``H`` and ``W`` by 16 (:attr:`CoTr.required_divisor`).
+
+* CNN encoder ("ResNet-9" of the official code; convolutions without bias):
+  stem ``7x7x7`` conv, stride ``(1, 2, 2)``, 64 ch, norm, nonlin           -> level 0 ``(D, H/2, W/2)``
+  three stages of (3, 3, 2) residual units, 192 / 384 / 384 ch; the first unit of each stage has
+  stride 2 -> levels 1, 2, 3 at ``(D/2, H/4, W/4)``, ``(D/4, H/8, W/8)``, ``(D/8, H/16, W/16)``.
+  A residual unit is ONE ``3x3x3`` conv + norm, plus the input (through a ``1x1x1`` conv + norm
+  projection where the shape changes), then the nonlinearity.
+* DeTrans: :class:`~nnunet_plugins.modules.deformable_attention.DeformableTransformerEncoder3D` over
+  levels 2 and 3 (6 layers, d_model 384, 6 heads, FFN 1536, GELU, dropout 0.1, post-norm, 4 points per
+  head and level, 3-D sine positional encoding + learnable level embedding). For a 48x192x192 patch
+  the two levels are 12x24x24 and 6x12x12 = 7,776 tokens.
+* Decoder: transposed convs (kernel = stride = 2, no bias) 384->384->192->64 with ADDITIVE skips: the
+  first skip is the transformer's level-2 output (tokens reshaped), then CNN levels 1 and 0; after
+  each addition a residual block of two ``3x3x3`` conv+norm+nonlin with an identity shortcut.
+  Deep-supervision heads (``1x1x1`` conv with bias) after each of the three blocks; the full-resolution
+  output is a trilinear ``(1, 2, 2)`` upsampling of the last block followed by a ``1x1x1`` conv.
+
+Outputs: with ``deep_supervision`` on, ``[full, ds0, ds1, ds2]`` (nnU-Net order, highest resolution
+first) at the scales :attr:`CoTr.deep_supervision_scales` relative to the input, i.e. ``(1, 1, 1)``,
+``(1, 1/2, 1/2)``, ``(1/2, 1/4, 1/4)``, ``(1/4, 1/8, 1/8)``; with it off, the ``full`` logits tensor
+``(B, num_classes, D, H, W)`` only. ``deep_supervision`` lives on ``self.decoder`` (and is mirrored by
+the ``CoTr.deep_supervision`` property) so nnU-Net's stock ``set_deep_supervision_enabled`` works.
+
+Decisions
+---------
+* Axis order of the deformable attention: geometrically correct by default; the official code's
+  ``(d, w, h)`` reference points handed to ``grid_sample`` (which reads ``(w, h, d)``) are reproduced
+  with ``official_axis_order=True`` (e.g. to run official checkpoints, :func:`load_official_cotr_weights`).
+* Defaults follow the official training run (``run_training.py``): instance norm with affine
+  parameters and LeakyReLU(0.01).
+* Initialisation as the official code: Kaiming-normal (``fan_out``) for the CNN encoder's and the
+  decoder's (transposed) convolutions, norms at weight 1 / bias 0, the transformer as Deformable DETR.
+* Parameter count at the defaults with 1 input channel and 14 classes: 41,872,504 (encoder
+  20,500,800; DeTrans 9,316,992; decoder + heads 12,054,712), equal to the official network's.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nnunet_plugins.modules.deformable_attention import DeformableTransformerEncoder3D, position_encoding_split
+
+__all__ = ["CoTr", "WSConv3d", "convert_official_cotr_state_dict", "load_official_cotr_weights"]
+
+
+class WSConv3d(nn.Conv3d):
+    """Conv3d with weight standardisation (zero mean, unit variance per output filter), as the
+    official ``Conv3d_wd`` (unbiased variance, eps 1e-12 under the square root)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        w = w - w.mean(dim=(1, 2, 3, 4), keepdim=True)
+        std = torch.sqrt(torch.var(w.reshape(w.shape[0], -1), dim=1) + 1e-12).view(-1, 1, 1, 1, 1)
+        return F.conv3d(x, w / std, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+_NORMS = {"instance": "instance", "in": "instance", "batch": "batch", "bn": "batch", "group": "group", "gn": "group"}
+_NONLINS = {"leakyrelu": "leakyrelu", "relu": "relu"}
+
+
+def _make_norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    # official: GroupNorm(16, C); narrow test widths fall back to the largest divisor of C <= 16
+    return nn.GroupNorm(math.gcd(16, channels), channels)
+
+
+def _make_nonlin(kind: str) -> nn.Module:
+    return nn.LeakyReLU(0.01, inplace=True) if kind == "leakyrelu" else nn.ReLU(inplace=True)
+
+
+class _Cfg:
+    """What every conv block needs to know (kept out of the state dict)."""
+
+    def __init__(self, norm: str, nonlin: str, weight_std: bool):
+        self.norm, self.nonlin, self.weight_std = norm, nonlin, weight_std
+
+    def conv(self, cin, cout, kernel, stride=1, padding=0) -> nn.Conv3d:
+        cls = WSConv3d if self.weight_std else nn.Conv3d
+        return cls(cin, cout, kernel_size=kernel, stride=stride, padding=padding, bias=False)
+
+
+class _ConvNormAct(nn.Module):
+    def __init__(self, cfg: _Cfg, cin: int, cout: int, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = cfg.conv(cin, cout, kernel, stride, padding)
+        self.norm = _make_norm(cfg.norm, cout)
+        self.nonlin = _make_nonlin(cfg.nonlin)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.nonlin(self.norm(self.conv(x)))
+
+
+class _EncoderUnit(nn.Module):
+    """One conv + norm, plus the (projected) input, then the nonlinearity (official ``ResBlock``)."""
+
+    def __init__(self, cfg: _Cfg, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv = cfg.conv(cin, cout, 3, stride, 1)
+        self.norm = _make_norm(cfg.norm, cout)
+        self.shortcut = (nn.Sequential(cfg.conv(cin, cout, 1, stride, 0), _make_norm(cfg.norm, cout))
+                         if stride != 1 or cin != cout else None)
+        self.nonlin = _make_nonlin(cfg.nonlin)
+
+    def forward(self, x: Tensor) -> Tensor:
+        residual = x if self.shortcut is None else self.shortcut(x)
+        return self.nonlin(self.norm(self.conv(x)) + residual)
+
+
+class CoTrEncoder(nn.Module):
+    """Stem + residual stages; returns the four levels ``[stem, stage1, stage2, stage3]``."""
+
+    def __init__(self, cfg: _Cfg, input_channels: int, channels: Sequence[int], blocks: Sequence[int]):
+        super().__init__()
+        self.stem = _ConvNormAct(cfg, input_channels, channels[0], 7, stride=(1, 2, 2), padding=3)
+        stages = []
+        for cin, cout, n in zip(channels[:-1], channels[1:], blocks):
+            stages.append(nn.Sequential(*[_EncoderUnit(cfg, cin if i == 0 else cout, cout, 2 if i == 0 else 1)
+                                          for i in range(n)]))
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        out = [self.stem(x)]
+        for stage in self.stages:
+            out.append(stage(out[-1]))
+        return out
+
+
+class _DecoderBlock(nn.Module):
+    """Two conv+norm+nonlin and an identity shortcut (official decoder ``ResBlock``)."""
+
+    def __init__(self, cfg: _Cfg, channels: int):
+        super().__init__()
+        self.conv1 = _ConvNormAct(cfg, channels, channels, 3, 1, 1)
+        self.conv2 = _ConvNormAct(cfg, channels, channels, 3, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv2(self.conv1(x)) + x
+
+
+class CoTrDecoder(nn.Module):
+    """Transposed-conv decoder with additive skips and deep-supervision heads.
+
+    ``forward(bottleneck, skips)`` with ``skips`` deepest first. ``deep_supervision`` (bool) decides
+    between ``[full, ds0, ds1, ds2]`` and ``full``.
+    """
+
+    def __init__(self, cfg: _Cfg, channels: Sequence[int], num_classes: int, deep_supervision: bool):
+        super().__init__()
+        # channels = (c0, c1, c2, c3); up-steps c3->c2, c2->c1, c1->c0 (deepest first)
+        pairs = list(zip(channels[:0:-1], channels[-2::-1]))
+        self.upconvs = nn.ModuleList([nn.ConvTranspose3d(cin, cout, kernel_size=2, stride=2, bias=False)
+                                      for cin, cout in pairs])
+        self.blocks = nn.ModuleList([_DecoderBlock(cfg, cout) for _, cout in pairs])
+        self.ds_heads = nn.ModuleList([nn.Conv3d(cout, num_classes, kernel_size=1) for _, cout in pairs])
+        self.seg_head = nn.Conv3d(channels[0], num_classes, kernel_size=1)
+        self.deep_supervision = bool(deep_supervision)
+
+    def forward(self, bottleneck: Tensor, skips: Sequence[Tensor]) -> Tensor | list[Tensor]:
+        x = bottleneck
+        ds = []
+        for up, block, head, skip in zip(self.upconvs, self.blocks, self.ds_heads, skips):
+            x = block(up(x) + skip)
+            if self.deep_supervision:
+                ds.append(head(x))
+        # undo the stem's (1, 2, 2) stride
+        d, h, w = x.shape[2:]
+        full = self.seg_head(F.interpolate(x, size=(d, 2 * h, 2 * w), mode="trilinear", align_corners=False))
+        if not self.deep_supervision:
+            return full
+        return [full] + ds[::-1]
+
+
+class CoTr(nn.Module):
+    """CoTr (Xie et al., MICCAI 2021): see the module docstring for the architecture and decisions.
+
+    Args:
+        input_channels: image channels.
+        num_classes: output channels (logits).
+        patch_size: training patch ``(D, H, W)``; validated against :attr:`required_divisor` (the
+            network itself runs on any divisible size, e.g. sliding-window patches).
+        deep_supervision: return ``[full, ds0, ds1, ds2]`` (True) or ``full`` (False); toggled later
+            through the ``deep_supervision`` attribute.
+        norm: ``"instance"`` (default, affine), ``"batch"`` or ``"group"`` (16 groups); official
+            aliases ``"IN"``, ``"BN"``, ``"GN"`` accepted.
+        nonlin: ``"leakyrelu"`` (slope 0.01, the official default) or ``"relu"``.
+        weight_std: weight-standardised convolutions (official ``Conv3d_wd``) in the encoder and the
+            decoder blocks.
+        stage_channels: widths of the stem and the three stages (the last two must be equal: they
+            are the transformer's ``d_model``).
+        blocks_per_stage: residual units per stage.
+        num_heads, ffn_dim, num_encoder_layers, num_points, dropout: DeTrans settings.
+        official_axis_order: reproduce the official deformable-attention axis order (see
+            :mod:`nnunet_plugins.modules.deformable_attention`).
+
+    Shapes: input ``(B, input_channels, D, H, W)`` with ``D % 8 == H % 16 == W % 16 == 0``; outputs
+    ``(B, num_classes, D*s_d, H*s_h, W*s_w)`` for the scales in :attr:`deep_supervision_scales`.
+    """
+
+    #: total downsampling of the deepest level per axis (stem (1, 2, 2) and three stride-2 stages)
+    required_divisor: tuple[int, int, int] = (8, 16, 16)
+    #: scale of each output relative to the input, in output order (nnU-Net's convention)
+    deep_supervision_scales: tuple[tuple[float, float, float], ...] = (
+        (1.0, 1.0, 1.0), (1.0, 0.5, 0.5), (0.5, 0.25, 0.25), (0.25, 0.125, 0.125))
+
+    def __init__(self, input_channels: int = 1, num_classes: int = 14,
+                 patch_size: Sequence[int] = (48, 192, 192), deep_supervision: bool = True,
+                 norm: str = "instance", nonlin: str = "leakyrelu", weight_std: bool = False,
+                 stage_channels: Sequence[int] = (64, 192, 384, 384), blocks_per_stage: Sequence[int] = (3, 3, 2),
+                 num_heads: int = 6, ffn_dim: int = 1536, num_encoder_layers: int = 6, num_points: int = 4,
+                 dropout: float = 0.1, official_axis_order: bool = False):
+        super().__init__()
+        if norm.lower() not in _NORMS:
+            raise ValueError(f"norm must be one of 'instance', 'batch', 'group' (or IN/BN/GN), got {norm!r}")
+        if nonlin.lower() not in _NONLINS:
+            raise ValueError(f"nonlin must be 'leakyrelu' or 'relu', got {nonlin!r}")
+        stage_channels, blocks_per_stage = tuple(stage_channels), tuple(blocks_per_stage)
+        if len(stage_channels) != 4 or len(blocks_per_stage) != 3 or min(stage_channels) < 1 or min(blocks_per_stage) < 1:
+            raise ValueError("CoTr needs stage_channels for the stem and 3 stages (4 positive ints) and "
+                             f"blocks_per_stage for 3 stages, got {stage_channels} and {blocks_per_stage}")
+        d_model = stage_channels[3]
+        if stage_channels[2] != d_model:
+            raise ValueError("the two deepest stages feed one transformer and must have equal widths, "
+                             f"got stage_channels={stage_channels}")
+        if d_model % num_heads:
+            raise ValueError(f"transformer width {d_model} is not divisible by num_heads={num_heads}")
+        position_encoding_split(d_model)  # raises for widths the 3-D sine encoding cannot split
+        self._norm = _NORMS[norm.lower()]
+        self.patch_size = self._check_size(patch_size, what="patch_size")
+        self.input_channels, self.num_classes = int(input_channels), int(num_classes)
+        self.official_axis_order = official_axis_order
+
+        cfg = _Cfg(self._norm, _NONLINS[nonlin.lower()], weight_std)
+        self.backbone = CoTrEncoder(cfg, input_channels, stage_channels, blocks_per_stage)
+        self.transformer = DeformableTransformerEncoder3D(
+            d_model=d_model, n_heads=num_heads, num_layers=num_encoder_layers, d_ffn=ffn_dim, dropout=dropout,
+            activation="gelu", n_levels=2, n_points=num_points, official_axis_order=official_axis_order)
+        self.decoder = CoTrDecoder(cfg, stage_channels, num_classes, deep_supervision)
+        self._init_cnn(self.backbone)
+        self._init_cnn(self.decoder)
+
+    @staticmethod
+    def _init_cnn(module: nn.Module) -> None:
+        for m in module.modules():
+            if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, (nn.BatchNorm3d, nn.InstanceNorm3d, nn.GroupNorm)) and m.weight is not None:
+                nn.init.constant_(m.weight, 1.0)
+                nn.init.constant_(m.bias, 0.0)
+
+    @property
+    def deep_supervision(self) -> bool:
+        return self.decoder.deep_supervision
+
+    @deep_supervision.setter
+    def deep_supervision(self, enabled: bool) -> None:
+        self.decoder.deep_supervision = bool(enabled)
+
+    @classmethod
+    def check_input_size(cls, spatial: Sequence[int], what: str = "input") -> tuple[int, int, int]:
+        """Return ``spatial`` as a tuple or raise ValueError if CoTr cannot process it.
+
+        Instances additionally reject, with instance norm, a size whose deepest level is a single
+        voxel (e.g. ``(8, 16, 16)``): instance norm needs more than one voxel per channel.
+        """
+        spatial = tuple(int(s) for s in spatial)
+        if len(spatial) != 3:
+            raise ValueError(f"CoTr is a 3-D network: {what} must have 3 spatial dims (D, H, W), got {spatial}")
+        bad = [s for s, k in zip(spatial, cls.required_divisor) if s < k or s % k]
+        if bad:
+            raise ValueError(f"CoTr {what} spatial size {spatial} must be a positive multiple of "
+                             f"{cls.required_divisor} (stem stride (1, 2, 2) and three stride-2 stages)")
+        return spatial
+
+    def _check_size(self, spatial: Sequence[int], what: str) -> tuple[int, int, int]:
+        spatial = self.check_input_size(spatial, what)
+        if self._norm == "instance" and all(s == k for s, k in zip(spatial, self.required_divisor)):
+            raise ValueError(f"CoTr {what} spatial size {spatial} leaves one voxel at the deepest level, which "
+                             "instance norm cannot normalise; use e.g. (16, 16, 16), (8, 32, 16) or (8, 16, 32)")
+        return spatial
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if x.dim() != 5:
+            raise ValueError(f"CoTr is a 3-D network: expected input (B, C, D, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.input_channels:
+            raise ValueError(f"CoTr built for {self.input_channels} input channels got {x.shape[1]}")
+        self._check_size(x.shape[2:], what="input")
+        levels = self.backbone(x)
+        t2, t3 = self.transformer(levels[2:])
+        return self.decoder(t3, [t2, levels[1], levels[0]])
+
+
+# ----------------------------------------------------------------------------------------------
+# official checkpoints
+# ----------------------------------------------------------------------------------------------
+# official parameter name (after the optional "module." / "U_ResTran3D." prefixes) -> ours
+_OFFICIAL_RULES: list[tuple[re.Pattern, object]] = [
+    (re.compile(r"backbone\.conv1\.(.+)"), lambda m: f"backbone.stem.conv.{m[1]}"),
+    (re.compile(r"backbone\.norm1\.(.+)"), lambda m: f"backbone.stem.norm.{m[1]}"),
+    (re.compile(r"backbone\.layer([123])\.(\d+)\.conv1\.(.+)"),
+     lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}.conv.{m[3]}"),
+    (re.compile(r"backbone\.layer([123])\.(\d+)\.norm1\.(.+)"),
+     lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}.norm.{m[3]}"),
+    (re.compile(r"backbone\.layer([123])\.(\d+)\.downsample\.([01])\.(.+)"),
+     lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}.shortcut.{m[3]}.{m[4]}"),
+    (re.compile(r"encoder_Detrans\.level_embed"), lambda m: "transformer.level_embed"),
+    (re.compile(r"encoder_Detrans\.encoder\.layers\.(\d+)\.(.+)"), lambda m: f"transformer.layers.{m[1]}.{m[2]}"),
+    (re.compile(r"transposeconv_stage([012])\.(.+)"), lambda m: f"decoder.upconvs.{2 - int(m[1])}.{m[2]}"),
+    (re.compile(r"stage([012])_de\.resconv([12])\.(conv|norm)\.(.+)"),
+     lambda m: f"decoder.blocks.{2 - int(m[1])}.conv{m[2]}.{m[3]}.{m[4]}"),
+    (re.compile(r"ds([012])_cls_conv\.(.+)"), lambda m: f"decoder.ds_heads.{2 - int(m[1])}.{m[2]}"),
+    (re.compile(r"cls_conv\.(.+)"), lambda m: f"decoder.seg_head.{m[1]}"),
+]
+
+
+def convert_official_cotr_state_dict(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Tensor]":
+    """Rename an official CoTr (``ResTranUnet``) state dict to this module's parameter names.
+
+    Accepts the keys with or without the ``module.`` (DataParallel) and ``U_ResTran3D.`` prefixes.
+    Raises KeyError listing every key that is not a CoTr parameter.
+    """
+    out: OrderedDict[str, Tensor] = OrderedDict()
+    unknown = []
+    for key, value in state_dict.items():
+        name = key[len("module."):] if key.startswith("module.") else key
+        name = name[len("U_ResTran3D."):] if name.startswith("U_ResTran3D.") else name
+        for pattern, rename in _OFFICIAL_RULES:
+            m = pattern.fullmatch(name)
+            if m:
+                out[rename(m)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise KeyError(f"{len(unknown)} keys are not parameters of the official CoTr network, e.g. "
+                       f"{unknown[:5]}")
+    return out
+
+
+def load_official_cotr_weights(model: CoTr, checkpoint, *, allow_axis_order_mismatch: bool = False) -> None:
+    """Load official CoTr weights (a state dict, an nnU-Net v1 checkpoint dict with ``state_dict``, or
+    a path to one) into ``model``; strict, with a clear error listing missing/unexpected keys and
+    shape mismatches.
+
+    Official weights were trained with the official axis order, so ``model`` must be built with
+    ``official_axis_order=True`` unless ``allow_axis_order_mismatch`` (e.g. for fine-tuning).
+    """
+    if not model.official_axis_order and not allow_axis_order_mismatch:
+        raise ValueError("official CoTr weights expect the official deformable-attention axis order: build "
+                         "CoTr(..., official_axis_order=True) or pass allow_axis_order_mismatch=True")
+    where = ""
+    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
+        where = f" ({checkpoint})"
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
+        checkpoint = checkpoint["state_dict"]
+    converted = convert_official_cotr_state_dict(checkpoint)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(converted))
+    unexpected = sorted(set(converted) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in converted and tuple(converted[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"official CoTr checkpoint{where} does not fit this CoTr: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), "
+                         f"unexpected {unexpected[:5]} ({len(unexpected)}), "
+                         f"shape mismatches {shapes[:5]} ({len(shapes)})")
+    model.load_state_dict(converted, strict=True)

@@ -1,0 +1,243 @@
+"""CoTr network: parameter counts of the official configuration, shapes, errors, gradients, options."""
+import re
+
+import pytest
+import torch
+
+from nnunet_plugins.architectures.cotr import CoTr, convert_official_cotr_state_dict, load_official_cotr_weights
+
+TINY = dict(stage_channels=(8, 16, 24, 24), blocks_per_stage=(2, 1, 1), num_heads=2, ffn_dim=32,
+            num_encoder_layers=2, num_points=2)
+
+
+def _count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    args = dict(input_channels=1, num_classes=3, patch_size=(16, 32, 32), **TINY)
+    args.update(kw)
+    return CoTr(**args)
+
+
+def test_official_parameter_count():
+    net = CoTr(input_channels=1, num_classes=14, patch_size=(48, 192, 192))
+    total = _count(net)
+    assert abs(total - 41_872_504) <= 0.001 * 41_872_504
+    assert total == 41_872_504
+    # per part (methods.md: backbone 20.50M, DeTrans 9.32M, decoder + heads 12.05M)
+    assert _count(net.backbone) == 20_500_800
+    assert _count(net.transformer) == 9_316_992
+    assert _count(net.decoder) == 12_054_712
+    assert net.deep_supervision is True
+    assert isinstance(net.backbone.stem.norm, torch.nn.InstanceNorm3d)
+    assert isinstance(net.backbone.stem.nonlin, torch.nn.LeakyReLU)
+
+
+@pytest.mark.parametrize("patch", [(16, 32, 32), (24, 64, 48), (8, 32, 16), (48, 192, 192)])
+def test_output_shapes_with_and_without_deep_supervision(patch):
+    net = _tiny(patch_size=patch)
+    x = torch.randn(2, 1, *patch)
+    with torch.no_grad():
+        outs = net(x)
+        assert isinstance(outs, list) and len(outs) == 4
+        for out, scale in zip(outs, CoTr.deep_supervision_scales):
+            assert out.shape == (2, 3, *[int(s * f) for s, f in zip(patch, scale)])
+        net.deep_supervision = False
+        single = net(x)
+    assert isinstance(single, torch.Tensor) and single.shape == (2, 3, *patch)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), net(x))  # deterministic without dropout
+
+
+def test_deep_supervision_toggle_matches_nnunet_convention():
+    net = _tiny()
+    net.decoder.deep_supervision = False  # what nnU-Net's set_deep_supervision_enabled does
+    assert net.deep_supervision is False
+    net.eval()
+    x = torch.randn(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        single = net(x)
+        net.deep_supervision = True
+        full = net(x)[0]
+    torch.testing.assert_close(single, full)
+    assert CoTr.required_divisor == (8, 16, 16)
+
+
+def test_bad_inputs_raise_clear_errors():
+    net = _tiny()
+    with pytest.raises(ValueError, match="3-D"):
+        net(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match=re.escape("(8, 16, 16)")):
+        net(torch.randn(1, 1, 12, 32, 32))
+    with pytest.raises(ValueError, match=re.escape("(8, 16, 16)")):
+        net(torch.randn(1, 1, 16, 32, 40))
+    with pytest.raises(ValueError, match="input channels"):
+        net(torch.randn(1, 2, 16, 32, 32))
+    with pytest.raises(ValueError, match="patch_size"):
+        _tiny(patch_size=(20, 32, 32))
+    with pytest.raises(ValueError, match="one voxel"):
+        net(torch.randn(1, 1, 8, 16, 16))
+    with pytest.raises(ValueError, match="one voxel"):
+        _tiny(patch_size=(8, 16, 16))
+    assert _tiny(patch_size=(8, 16, 16), norm="group")(torch.randn(2, 1, 8, 16, 16))[0].shape == (2, 3, 8, 16, 16)
+    with pytest.raises(ValueError, match="3 spatial dims"):
+        _tiny(patch_size=(32, 32))
+    with pytest.raises(ValueError, match="equal widths"):
+        _tiny(stage_channels=(8, 16, 24, 36))
+    with pytest.raises(ValueError, match="norm"):
+        _tiny(norm="layer")
+    with pytest.raises(ValueError, match="num_heads"):
+        _tiny(num_heads=5)
+
+
+def test_gradients_reach_encoder_transformer_and_decoder():
+    net = _tiny()
+    # after the official initialisation the offset/attention-weight matrices are zero, so the positional
+    # and level embeddings get gradient only from the second step on; perturb them like one step would
+    with torch.no_grad():
+        for layer in net.transformer.layers:
+            layer.self_attn.sampling_offsets.weight.normal_(0, 0.05)
+            layer.self_attn.attention_weights.weight.normal_(0, 0.05)
+    x = torch.randn(2, 1, 16, 32, 32)
+    outs = net(x)
+    sum((o * torch.randn_like(o)).sum() for o in outs).backward()
+    for part in ("backbone", "transformer", "decoder"):
+        for name, p in getattr(net, part).named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {part}.{name}"
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "IN"])
+def test_norm_options_and_weight_standardisation(norm):
+    net = _tiny(norm=norm, weight_std=True, nonlin="relu")
+    out = net(torch.randn(2, 1, 16, 32, 32))
+    assert out[0].shape == (2, 3, 16, 32, 32)
+    kinds = {"batch": torch.nn.BatchNorm3d, "group": torch.nn.GroupNorm, "IN": torch.nn.InstanceNorm3d}
+    assert isinstance(net.backbone.stem.norm, kinds[norm])
+    # weight standardisation: the effective filters have zero mean and unit std per output channel
+    conv = net.backbone.stem.conv
+    w = conv.weight.detach()
+    w = w - w.mean(dim=(1, 2, 3, 4), keepdim=True)
+    w = w / w.reshape(w.shape[0], -1).std(dim=1).view(-1, 1, 1, 1, 1)
+    x = torch.randn(1, 1, 8, 16, 16)
+    torch.testing.assert_close(conv(x), torch.nn.functional.conv3d(x, w, None, conv.stride, conv.padding),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_official_axis_order_changes_the_function_not_the_parameters():
+    net = _tiny()
+    off = _tiny(official_axis_order=True)
+    off.load_state_dict(net.state_dict(), strict=True)  # same names and shapes
+    net.eval(), off.eval()
+    x = torch.randn(1, 1, 16, 32, 48)
+    with torch.no_grad():
+        assert not torch.allclose(net(x)[0], off(x)[0], atol=1e-5)
+
+
+def test_initialisation_is_official():
+    net = _tiny()
+    # kaiming normal, fan_out, gain sqrt(2): std = sqrt(2 / (out_channels * k^3))
+    conv = net.backbone.stages[0][0].conv
+    assert abs(conv.weight.std().item() - (2 / (16 * 27)) ** 0.5) < 0.15 * (2 / (16 * 27)) ** 0.5
+    assert net.backbone.stem.norm.weight.eq(1).all() and net.backbone.stem.norm.bias.eq(0).all()
+    assert net.decoder.upconvs[0].bias is None and net.backbone.stem.conv.bias is None
+    assert net.decoder.ds_heads[0].bias is not None
+
+
+def _official_state_dict(num_classes=14, in_ch=1):
+    """An official ResTranUnet state dict built from the official module/parameter naming, filled with
+    distinct random numbers (names and shapes as the official code creates them)."""
+    sd = {}
+    g = torch.Generator().manual_seed(0)
+
+    def add(name, *shape):
+        sd["U_ResTran3D." + name] = torch.randn(*shape, generator=g)
+
+    def inorm(prefix, c):
+        add(prefix + ".weight", c)
+        add(prefix + ".bias", c)
+
+    add("backbone.conv1.weight", 64, in_ch, 7, 7, 7)
+    inorm("backbone.norm1", 64)
+    cin = 64
+    for layer, (cout, n) in enumerate(zip((192, 384, 384), (3, 3, 2)), start=1):
+        for j in range(n):
+            add(f"backbone.layer{layer}.{j}.conv1.weight", cout, cin if j == 0 else cout, 3, 3, 3)
+            inorm(f"backbone.layer{layer}.{j}.norm1", cout)
+            if j == 0:
+                add(f"backbone.layer{layer}.0.downsample.0.weight", cout, cin, 1, 1, 1)
+                inorm(f"backbone.layer{layer}.0.downsample.1", cout)
+        cin = cout
+    add("encoder_Detrans.level_embed", 2, 384)
+    for i in range(6):
+        p = f"encoder_Detrans.encoder.layers.{i}."
+        for name, o, k in (("self_attn.sampling_offsets", 144, 384), ("self_attn.attention_weights", 48, 384),
+                           ("self_attn.value_proj", 384, 384), ("self_attn.output_proj", 384, 384),
+                           ("linear1", 1536, 384), ("linear2", 384, 1536)):
+            add(p + name + ".weight", o, k)
+            add(p + name + ".bias", o)
+        inorm(p + "norm1", 384)
+        inorm(p + "norm2", 384)
+    for stage, (cin, cout) in zip((2, 1, 0), ((384, 384), (384, 192), (192, 64))):
+        add(f"transposeconv_stage{stage}.weight", cin, cout, 2, 2, 2)
+        for r in (1, 2):
+            add(f"stage{stage}_de.resconv{r}.conv.weight", cout, cout, 3, 3, 3)
+            inorm(f"stage{stage}_de.resconv{r}.norm", cout)
+        add(f"ds{stage}_cls_conv.weight", num_classes, cout, 1, 1, 1)
+        add(f"ds{stage}_cls_conv.bias", num_classes)
+    add("cls_conv.weight", num_classes, 64, 1, 1, 1)
+    add("cls_conv.bias", num_classes)
+    return sd
+
+
+def test_official_checkpoint_mapping():
+    sd = _official_state_dict()
+    assert sum(v.numel() for v in sd.values()) == 41_872_504  # the official naming covers every parameter
+    net = CoTr(official_axis_order=True)
+    load_official_cotr_weights(net, {"state_dict": {"module." + k: v for k, v in sd.items()}})
+    own = net.state_dict()
+    pairs = [("backbone.layer2.0.downsample.1.weight", "backbone.stages.1.0.shortcut.1.weight"),
+             ("backbone.layer3.1.conv1.weight", "backbone.stages.2.1.conv.weight"),
+             ("encoder_Detrans.encoder.layers.5.self_attn.sampling_offsets.bias",
+              "transformer.layers.5.self_attn.sampling_offsets.bias"),
+             ("transposeconv_stage2.weight", "decoder.upconvs.0.weight"),
+             ("stage0_de.resconv2.norm.bias", "decoder.blocks.2.conv2.norm.bias"),
+             ("ds1_cls_conv.weight", "decoder.ds_heads.1.weight"),
+             ("cls_conv.bias", "decoder.seg_head.bias")]
+    for official, ours in pairs:
+        torch.testing.assert_close(own[ours], sd["U_ResTran3D." + official])
+    assert len(convert_official_cotr_state_dict(sd)) == len(own)
+
+    with pytest.raises(ValueError, match="official_axis_order"):
+        load_official_cotr_weights(CoTr(), sd)
+    bad = dict(sd)
+    bad["U_ResTran3D.extra.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError, match="extra.weight"):
+        load_official_cotr_weights(net, bad)
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_official_cotr_weights(CoTr(num_classes=5, official_axis_order=True), sd)
+    missing = {k: v for k, v in sd.items() if "cls_conv" not in k}
+    with pytest.raises(ValueError, match="missing"):
+        load_official_cotr_weights(net, missing)
+
+
+def test_autocast_runs_and_keeps_float32_locations():
+    net = _tiny()
+    x = torch.randn(2, 1, 16, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = net(x)
+        loss = sum(o.float().mean() for o in outs)
+    loss.backward()
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_traces_as_one_graph_for_torch_compile():
+    # nnU-Net 2.8 compiles the network by default on CUDA: no graph breaks (data-dependent Python code)
+    net = _tiny().eval()
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    x = torch.randn(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x)[0], net(x)[0], rtol=1e-4, atol=1e-4)
