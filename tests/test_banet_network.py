@@ -246,3 +246,24 @@ def test_feature_map_size_counts_both_decoders():
     size = (8, 16, 16)
     assert net.compute_conv_feature_map_size(size) > 1.9 * plain.compute_conv_feature_map_size(size) - \
         plain.encoder.compute_conv_feature_map_size(size)
+
+
+def test_torch_compile_traces_the_whole_forward():
+    """nnU-Net compiles the network on CUDA by default: dynamo must capture BA-Net in one graph."""
+    net = tiny(3)
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    x = torch.randn(1, 2, 8, 16, 16)
+    seg, bdr = compiled(x, return_boundary=True)
+    ref_seg, ref_bdr = net(x, return_boundary=True)
+    for a, b in zip(seg + bdr, ref_seg + ref_bdr):
+        torch.testing.assert_close(a, b)
+
+
+def test_autocast_keeps_the_gate_in_the_feature_dtype():
+    up = torch.randn(1, 4, 3, 3, dtype=torch.bfloat16)
+    gated = boundary_attention(up, torch.randn(1, 2, 3, 3))
+    assert gated.dtype == torch.bfloat16
+    net = tiny(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(1, 2, 16, 16))
+    assert out[0].dtype == torch.bfloat16 and torch.isfinite(out[0].float()).all()
