@@ -191,3 +191,14 @@ def test_ignore_label_is_ignored_by_the_boundary_loss(results):
     assert trainer.label_manager.ignore_label == 5
     assert trainer.boundary_loss.loss.ignore_label == 2
     assert trainer.network.decoder.num_classes == 5  # no output for the ignore label
+
+
+def test_plans_may_name_the_banet_class_with_the_official_layout(results):
+    plans = make_plans()
+    arch = plans["configurations"]["cfg"]["architecture"]
+    arch["network_class_name"] = "nnunet_plugins.architectures.banet.BANetPlainConvUNet"
+    arch["arch_kwargs"]["official_v1_layout"] = True
+    trainer = BANetTrainer(plans, "cfg", 0, copy.deepcopy(DATASET_JSON), torch.device("cpu"))
+    net = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 5, False)
+    assert net.official_v1_layout is True and net.decoder.transpconvs[0].bias is None
+    assert net(torch.randn(1, 1, 8, 16, 16)).shape == (1, 5, 8, 16, 16)
