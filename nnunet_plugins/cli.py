@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "nnunet_plugins.commands.challenges",
     "nnunet_plugins.commands.multitask",
     "nnunet_plugins.commands.uniseg",
+    "nnunet_plugins.commands.banet",
 )
 
 

@@ -57,6 +57,19 @@ register(Method(
 ))
 
 
+register(Method(
+    name="BA-Net",
+    paper="Hu, Liao, Ye, Xia. Boundary-Aware Network for Kidney Parsing. KiPA 2022 (LNCS 13648); Hu, Liao, Xia. "
+          "Boundary-Aware Network for Abdominal Multi-Organ Segmentation. AMOS 2022 (arXiv:2208.13774)",
+    summary="shared encoder + boundary decoder whose boundary maps gate the segmentation decoder's upsampled "
+            "features; deep-supervised Dice+CE on segmentation and boundary",
+    trainers=("nnunet_plugins.trainers.banet.BANetTrainer", "nnunet_plugins.trainers.banet.BANetTrainer_consistency"),
+    networks=("nnunet_plugins.architectures.banet.BANetPlainConvUNet",
+              "nnunet_plugins.architectures.banet.BANetResidualEncoderUNet"),
+    dimensions=("2d", "3d"),
+))
+
+
 def resolve(dotted: str):
     """Import ``package.module.Name`` and return ``Name``."""
     module_name, _, attribute = dotted.rpartition(".")

@@ -3,5 +3,7 @@ from nnunet_plugins.trainers.base import PluginTrainer
 from nnunet_plugins.trainers.cotr import CoTrTrainer
 from nnunet_plugins.trainers.multitask import MultiTaskTrainer
 from nnunet_plugins.trainers.uniseg import UniSegTrainer
+from nnunet_plugins.trainers.banet import BANetTrainer, BANetTrainer_consistency
 
-__all__ = ["PluginTrainer", "CoTrTrainer", "MultiTaskTrainer", "UniSegTrainer"]
+__all__ = ["PluginTrainer", "CoTrTrainer", "MultiTaskTrainer", "UniSegTrainer", "BANetTrainer",
+           "BANetTrainer_consistency"]

@@ -1,0 +1,260 @@
+"""BANetTrainer: BA-Net (Hu et al., KiPA22 / AMOS22) trained by nnU-Net v2.
+
+What BA-Net changes relative to ``nnUNetTrainer`` and nothing else:
+
+* the network: the plans' U-Net (``PlainConvUNet`` or, on ResEnc plans, ``ResidualEncoderUNet``) becomes
+  its BA-Net counterpart with the same constructor arguments (``BANetPlainConvUNet`` /
+  ``BANetResidualEncoderUNet``: shared encoder, boundary decoder, boundary-gated segmentation decoder).
+  Plans may also name a BA-Net class directly (e.g. with ``official_v1_layout: true`` to run converted
+  official checkpoints);
+* the targets: ``BoundaryTargetTransform`` is inserted into nnU-Net's training and validation pipelines
+  right before the deep-supervision downsampling, so the boundary is computed once on the augmented
+  full-resolution patch and downsampled exactly like the segmentation (it travels as the last target
+  channel; ``_split_target`` separates it again);
+* the loss: deep-supervised Dice+CE on the segmentation + deep-supervised Dice+CE on the boundary
+  (2 classes, Dice on the boundary class), 1:1, with nnU-Net's deep-supervision weights for both, as the
+  official ``BANetV2Trainer``. The official code also carries a consistency term (boundary prediction vs
+  the boundary of the predicted segmentation) that it keeps switched off; here it is
+  ``consistency_weight`` (0 = off, the default) starting at ``consistency_start`` x num_epochs (the
+  official's commented-out condition is "second half of training"); ``BANetTrainer_consistency`` turns
+  it on;
+* ``set_deep_supervision_enabled`` switches deep supervision of both decoders.
+
+Optimiser, schedule, augmentation, sampling, checkpointing and inference are nnU-Net's (the official
+trainer uses nnU-Net v1's defaults: SGD 1e-2, poly, 1000 x 250, gradient clipping 12). Inference uses
+only the segmentation decoder's full-resolution output, so ``nnUNetv2_predict -tr BANetTrainer`` writes
+ordinary segmentations. Logged losses: ``loss`` is the optimised total (segmentation + boundary (+
+consistency)); the segmentation and boundary parts are printed per epoch.
+
+Region-based training (``regions_class_order`` in dataset.json) is not supported: BA-Net's boundary is
+defined on a label map and its segmentation loss is softmax Dice+CE.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple, Union
+
+import numpy as np
+import torch
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss, get_tp_fp_fn_tn
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast
+
+from nnunet_plugins.modules.boundary import BoundaryTargetTransform, inner_boundary
+from nnunet_plugins.trainers.base import PluginTrainer
+
+BANET_PLAIN = "nnunet_plugins.architectures.banet.BANetPlainConvUNet"
+BANET_RESENC = "nnunet_plugins.architectures.banet.BANetResidualEncoderUNet"
+# nnU-Net's architectures and the BA-Net class that takes the same constructor arguments
+BANET_COUNTERPARTS = {"PlainConvUNet": BANET_PLAIN, "ResidualEncoderUNet": BANET_RESENC}
+# value of the boundary target where the segmentation carries nnU-Net's ignore label
+BOUNDARY_IGNORE_VALUE = 2
+
+
+def banet_network_class(plans_network_class: str) -> str:
+    """The BA-Net network class (dotted path) for the architecture named in the plans."""
+    if plans_network_class in BANET_COUNTERPARTS.values():
+        return plans_network_class
+    short = plans_network_class.rpartition(".")[2]
+    if short in BANET_COUNTERPARTS:
+        return BANET_COUNTERPARTS[short]
+    raise ValueError(f"BA-Net needs plans with a U-Net architecture ({', '.join(BANET_COUNTERPARTS)}, or a BA-Net "
+                     f"class), but the plans name {plans_network_class!r}; plan with nnUNetv2_plan_experiment "
+                     f"(default planner or nnUNetPlannerResEncM/L/XL)")
+
+
+def insert_boundary_transform(pipeline: BasicTransform, ignore_label: int | None = None) -> ComposeTransforms:
+    """Insert ``BoundaryTargetTransform`` before the deep-supervision downsampling (or append it)."""
+    if not isinstance(pipeline, ComposeTransforms):
+        pipeline = ComposeTransforms([pipeline])
+    transforms = list(pipeline.transforms)
+    position = next((i for i, t in enumerate(transforms) if isinstance(t, DownsampleSegForDSTransform)),
+                    len(transforms))
+    transforms.insert(position, BoundaryTargetTransform(channel=0, ignore_label=ignore_label,
+                                                        ignore_value=BOUNDARY_IGNORE_VALUE))
+    pipeline.transforms = transforms
+    return pipeline
+
+
+def _check_no_regions(regions) -> None:
+    if regions is not None:
+        raise ValueError("BANetTrainer does not support region-based training (dataset.json "
+                         "'regions_class_order'): BA-Net's boundary targets are defined on label maps")
+
+
+class BANetTrainer(PluginTrainer):
+    consistency_weight: float = 0.0  # official: term present but switched off
+    consistency_start: float = 0.5  # fraction of num_epochs after which the term is active when enabled
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.label_manager.has_regions:
+            _check_no_regions(self.label_manager.foreground_regions)
+        banet_network_class(self.configuration_manager.network_arch_class_name)  # fail early on other plans
+        self.boundary_loss = None
+
+    # ----------------------------------------------------------------------------------------- network
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> torch.nn.Module:
+        return get_network_from_plans(
+            banet_network_class(configuration_manager.network_arch_class_name),
+            configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import,
+            num_input_channels, num_output_channels, allow_init=True, deep_supervision=enable_deep_supervision)
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        self.unwrapped_network.deep_supervision = enabled  # both decoders
+
+    # ----------------------------------------------------------------------------------------- targets
+    @staticmethod
+    def get_training_transforms(patch_size: Union[np.ndarray, Tuple[int]], rotation_for_DA,
+                                deep_supervision_scales: Union[List, Tuple, None], mirror_axes: Tuple[int, ...],
+                                do_dummy_2d_data_aug: bool, use_mask_for_norm: List[bool] = None,
+                                is_cascaded: bool = False, foreground_labels=None, regions=None,
+                                ignore_label: int = None) -> BasicTransform:
+        _check_no_regions(regions)
+        pipeline = PluginTrainer.get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=use_mask_for_norm, is_cascaded=is_cascaded, foreground_labels=foreground_labels,
+            regions=regions, ignore_label=ignore_label)
+        return insert_boundary_transform(pipeline, ignore_label)
+
+    @staticmethod
+    def get_validation_transforms(deep_supervision_scales: Union[List, Tuple, None], is_cascaded: bool = False,
+                                  foreground_labels=None, regions=None, ignore_label: int = None) -> BasicTransform:
+        _check_no_regions(regions)
+        pipeline = PluginTrainer.get_validation_transforms(
+            deep_supervision_scales, is_cascaded=is_cascaded, foreground_labels=foreground_labels, regions=regions,
+            ignore_label=ignore_label)
+        return insert_boundary_transform(pipeline, ignore_label)
+
+    @staticmethod
+    def _split_target(target):
+        """(segmentation targets, boundary targets): the boundary is the last target channel."""
+        if isinstance(target, (list, tuple)):
+            return [t[:, :-1] for t in target], [t[:, -1:] for t in target]
+        return target[:, :-1], target[:, -1:]
+
+    # ----------------------------------------------------------------------------------------- loss
+    def _build_loss(self):
+        seg_loss = super()._build_loss()
+        self.boundary_loss = self._build_boundary_loss(seg_loss)
+        return seg_loss
+
+    def _build_boundary_loss(self, seg_loss):
+        """Dice+CE on the 2-class boundary output (Dice on the boundary class), deep-supervised like seg_loss."""
+        ignore = BOUNDARY_IGNORE_VALUE if self.label_manager.ignore_label is not None else None
+        loss = DC_and_CE_loss({"batch_dice": self.configuration_manager.batch_dice, "smooth": 1e-5, "do_bg": False,
+                               "ddp": self.is_ddp}, {}, weight_ce=1, weight_dice=1, ignore_label=ignore,
+                              dice_class=MemoryEfficientSoftDiceLoss)
+        if isinstance(seg_loss, DeepSupervisionWrapper):
+            loss = DeepSupervisionWrapper(loss, seg_loss.weight_factors)
+        return loss
+
+    def _consistency_active(self) -> bool:
+        return self.consistency_weight > 0 and self.current_epoch >= self.consistency_start * self.num_epochs
+
+    @staticmethod
+    def predicted_boundaries(seg_output):
+        """Boundary targets of the predicted segmentation (argmax) at every output scale (no gradient)."""
+        with torch.no_grad():
+            outputs = seg_output if isinstance(seg_output, (list, tuple)) else [seg_output]
+            targets = [inner_boundary(o.argmax(1, keepdim=True), o.ndim - 2).to(torch.int16) for o in outputs]
+        return targets if isinstance(seg_output, (list, tuple)) else targets[0]
+
+    def compute_losses(self, seg_output, bdr_output, target) -> dict:
+        seg_target, bdr_target = self._split_target(target)
+        losses = {"seg_loss": self.loss(seg_output, seg_target), "boundary_loss": self.boundary_loss(bdr_output, bdr_target)}
+        total = losses["seg_loss"] + losses["boundary_loss"]
+        if self._consistency_active():
+            losses["consistency_loss"] = self.boundary_loss(bdr_output, self.predicted_boundaries(seg_output))
+            total = total + self.consistency_weight * losses["consistency_loss"]
+        losses["loss"] = total
+        return losses
+
+    # ----------------------------------------------------------------------------------------- steps
+    def _to_device(self, batch: dict):
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        if isinstance(target, list):
+            target = [t.to(self.device, non_blocking=True) for t in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+        return data, target
+
+    def _autocast(self):
+        # as nnU-Net: autocast only on CUDA (slow on CPU, unsupported on MPS)
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = self._to_device(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            seg_output, bdr_output = self.network(data, return_boundary=True)
+            losses = self.compute_losses(seg_output, bdr_output, target)
+        loss = losses["loss"]
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {k: v.detach().cpu().numpy() for k, v in losses.items()}
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        self._print_loss_parts("train", train_outputs)
+
+    def validation_step(self, batch: dict) -> dict:
+        data, target = self._to_device(batch)
+        with self._autocast():
+            seg_output, bdr_output = self.network(data, return_boundary=True)
+            losses = self.compute_losses(seg_output, bdr_output, target)
+        seg_target, _ = self._split_target(target)
+        if self.enable_deep_supervision:
+            seg_output, seg_target = seg_output[0], seg_target[0]
+        # online evaluation ("pseudo Dice") on the segmentation only, as nnU-Net's validation_step
+        axes = [0] + list(range(2, seg_output.ndim))
+        prediction = torch.zeros(seg_output.shape, device=seg_output.device, dtype=torch.float16)
+        prediction.scatter_(1, seg_output.argmax(1, keepdim=True), 1)
+        mask = None
+        if self.label_manager.has_ignore_label:
+            mask = (seg_target != self.label_manager.ignore_label).float()
+            seg_target = torch.where(seg_target == self.label_manager.ignore_label, 0, seg_target)
+        tp, fp, fn, _ = get_tp_fp_fn_tn(prediction, seg_target, axes=axes, mask=mask)
+        out = {k: v.detach().cpu().numpy() for k, v in losses.items()}
+        # [1:]: no background Dice, as nnU-Net
+        out.update(tp_hard=tp.detach().cpu().numpy()[1:], fp_hard=fp.detach().cpu().numpy()[1:],
+                   fn_hard=fn.detach().cpu().numpy()[1:])
+        return out
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        super().on_validation_epoch_end(val_outputs)
+        self._print_loss_parts("val", val_outputs)
+
+    def _print_loss_parts(self, which: str, outputs: List[dict]) -> None:
+        collated = collate_outputs(outputs)
+        parts = {k: float(np.mean(collated[k])) for k in ("seg_loss", "boundary_loss", "consistency_loss")
+                 if k in collated}
+        self.print_to_log_file(f"{which} " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
+
+
+class BANetTrainer_consistency(BANetTrainer):
+    """BA-Net with the official code's (disabled) seg/boundary consistency term switched on (weight 1,
+    second half of training)."""
+
+    consistency_weight = 1.0
