@@ -30,3 +30,50 @@ def test_patch_for_voxel_budget_reproduces_the_official_cotr_patch():
     # budget freed by a capped axis goes to the others
     patch = patch_for_voxel_budget((1.0, 1.0, 1.0), (16, 400, 400), 32 ** 3 * 8, (8, 16, 16))
     assert patch[0] == 16 and patch[1] == patch[2] and patch[1] > 64
+
+
+def test_ddp_wrapping_passes_find_unused_parameters_only_inside_the_context():
+    import torch
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as module
+
+    from nnunet_plugins.trainers.base import ddp_with_unused_parameters
+    from nnunet_plugins.trainers.multitask import MultiTaskTrainer
+    from nnunet_plugins.trainers.uniseg import UniSegTrainer
+
+    original = module.DDP
+    with ddp_with_unused_parameters():
+        assert module.DDP.func is original and module.DDP.keywords == {"find_unused_parameters": True}
+    assert module.DDP is original
+    with pytest.raises(KeyError):
+        with ddp_with_unused_parameters():
+            raise KeyError("restored on errors too")
+    assert module.DDP is original
+    assert MultiTaskTrainer.ddp_find_unused_parameters and UniSegTrainer.ddp_find_unused_parameters
+
+
+def test_ddp_wrapper_with_unused_parameters_tolerates_an_unused_branch(tmp_path):
+    """What the flag is for: a step that leaves one branch without gradient (one process, gloo, CPU).
+    Plain DDP raises "Expected to have finished reduction in the prior iteration" on the second step."""
+    import torch
+    import torch.distributed as dist
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as module
+
+    from nnunet_plugins.trainers.base import ddp_with_unused_parameters
+
+    class TwoStems(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+        def forward(self, x, use_a=True):
+            return (self.a if use_a else self.b)(x)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        with ddp_with_unused_parameters():
+            net = module.DDP(TwoStems())
+        for use_a in (True, False, True):
+            net(torch.randn(4, 3), use_a).sum().backward()
+        assert net.module.b.weight.grad is not None and net.module.a.weight.grad is not None
+    finally:
+        dist.destroy_process_group()

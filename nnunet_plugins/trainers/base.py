@@ -17,14 +17,21 @@
   training and the predictor reads them from there, so a method that must adapt the plans (CoTr's
   patch divisibility) stays consistent between training and ``nnUNetv2_predict``.
 * ``unwrapped_network``: the network behind DDP and ``torch.compile`` wrappers.
+* ``ddp_find_unused_parameters``: nnU-Net wraps the network in ``DistributedDataParallel`` without
+  ``find_unused_parameters``, which fails in multi-GPU training as soon as one step leaves a parameter
+  without gradient (e.g. UniSeg's stem for another channel count). Trainers whose networks do that
+  set this class attribute to True and nnU-Net's own wrapping then passes the flag.
 
 The constructor signature is nnU-Net's own; nnU-Net re-creates trainers from it (checkpoints, DDP).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
+from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as _nnunet_trainer_module
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
@@ -56,8 +63,21 @@ def read_run_length_overrides(environ=os.environ) -> dict:
     return overrides
 
 
+@contextlib.contextmanager
+def ddp_with_unused_parameters():
+    """Make nnU-Net's ``initialize`` wrap DDP with ``find_unused_parameters=True`` (module global swap)."""
+    original = _nnunet_trainer_module.DDP
+    _nnunet_trainer_module.DDP = functools.partial(original, find_unused_parameters=True)
+    try:
+        yield
+    finally:
+        _nnunet_trainer_module.DDP = original
+
+
 class PluginTrainer(nnUNetTrainer):
     """Base class of the package's trainers (see the module docstring)."""
+
+    ddp_find_unused_parameters = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -67,6 +87,12 @@ class PluginTrainer(nnUNetTrainer):
             setattr(self, attribute, value)
         if overrides:
             self.print_to_log_file(f"Run length from the environment: {overrides}", also_print_to_console=True)
+
+    def initialize(self):
+        if self.is_ddp and self.ddp_find_unused_parameters:
+            with ddp_with_unused_parameters():
+                return super().initialize()
+        return super().initialize()
 
     def update_configuration(self, **changes) -> None:
         """Set ``changes`` in the active configuration of the plans and refresh ``configuration_manager``."""

@@ -82,6 +82,9 @@ class MultiTaskTrainer(PluginTrainer):
     """See the module docstring (extension points)."""
 
     batches_per_task_per_round: int = 50
+    # a batch holds one task: parts of a multi-task network for other tasks (UniSeg's stem for another
+    # channel count, another task's head) may get no gradient in a step, which plain DDP rejects
+    ddp_find_unused_parameters = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
