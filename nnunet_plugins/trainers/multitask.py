@@ -45,6 +45,7 @@ num_output_channels, enable_deep_supervision)`` (static)
     Local segmentation (B, 1, ...) from selected logits for the online pseudo Dice; default argmax.
 ``configure_optimizers()`` and ``_build_loss()``: nnU-Net's hooks, as usual.
 ``batches_per_task_per_round``: batches each task contributes to a sampling round (UniSeg: 50).
+``grad_clip_norm``: gradient-norm clipping of the training step (nnU-Net: 12; TransDoDNet: 0.1).
 """
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ class MultiTaskTrainer(PluginTrainer):
     """See the module docstring (extension points)."""
 
     batches_per_task_per_round: int = 50
+    grad_clip_norm: float = 12.0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -202,12 +204,12 @@ class MultiTaskTrainer(PluginTrainer):
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
             self.optimizer.step()
         return {"loss": loss.detach().cpu().numpy()}
 
