@@ -214,4 +214,7 @@ def test_transdodnet_trains_and_predicts(combined):
     assert "0 warm-up epochs of 3" in log
     assert "Current learning rate: 0.0002" in log
     dices, _ = _predict_and_check(combined, "TransDoDNetTrainer", plans_name, "pred_tdod")
+    # learning criterion: the training loss decreases. A Dice threshold is not reliable here: at the paper's
+    # AdamW lr 2e-4, 60 iterations only start to scale up the generated heads (measured: loss 1.51 -> 1.40,
+    # test Dice 0.70 / 0.38 / 0.0), whereas DoDNet's SGD reaches Dice ~0.85 in the same run length
     assert losses[-1] < losses[0], losses

@@ -32,7 +32,9 @@ and nothing else:
   the official strides; TransDoDNet: (16, 32, 32) for the ResNet-50 backbone, and more than one voxel at
   the deepest level). Plans whose patch does not fit are rounded to the nearest multiple and the patch
   is recorded in the plans the trainer copies into the model folder (as ``CoTrTrainer``), so
-  prediction slides the same window.
+  prediction slides the same window. With the official strides (2 on every axis) anisotropic data loses
+  the z-axis fastest; plans naming DoDNet may set ``strides`` per axis (e.g. ``[1, [1, 2, 2], 2, 2, 2]``)
+  and the divisor follows them.
 
 Optimisation
 ------------
@@ -44,7 +46,8 @@ Optimisation
 * TransDoDNet (official ``TransDoD/train.py``): AdamW lr 2e-4, weight decay 1e-4, gradient clipping at
   0.1, per-epoch schedule: linear warm-up from 1 % of the lr over the first 10 epochs
   (``lr * (0.01 + 0.99 * e / 10)``), then poly 0.9 of the absolute epoch (``lr * (1 - e / E) ** 0.9``),
-  E = 1000 epochs x 250 iterations as nnU-Net. A run shortened with ``NNUNET_PLUGINS_EPOCHS`` keeps at most
+  E = 1000 epochs x 250 iterations as nnU-Net. (The official optimiser has two parameter groups,
+  transformer and the rest, with the same lr, ``lr_tr_mult`` = 1: one group here.) A run shortened with ``NNUNET_PLUGINS_EPOCHS`` keeps at most
   a tenth of its epochs for warm-up (:func:`warmup_epochs_for`: 10 epochs from 100 epochs on, 5 of 50,
   none below 10 epochs), so a short run still trains mostly near the paper's learning rate instead of
   spending all of it warming up.
