@@ -82,8 +82,8 @@ from nnunet_plugins.trainers.base import PluginTrainer, read_run_length_override
 class MultiTaskTrainer(PluginTrainer):
     """See the module docstring (extension points)."""
 
-    batches_per_task_per_round: int = 50
     grad_clip_norm: float = 12.0
+    batches_per_task_per_round: int = 50
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
