@@ -58,6 +58,32 @@ register(Method(
 
 
 register(Method(
+    name="DoDNet",
+    paper="Zhang, Xie, Xia, Shen. DoDNet: Learning to segment multi-organ and tumors from multiple partially "
+          "labeled datasets. CVPR 2021",
+    summary="residual 3-D U-Net whose dynamic head (three 1x1x1 convs) is generated per sample from the pooled "
+            "bottleneck and the one-hot task; per-task binary sigmoid channels, partial-label Dice+BCE (combine "
+            "datasets with `nnunet-plugins combine`, predict with `nnunet-plugins predict-multitask`). The paper "
+            "is 3-D; the network and trainer also build a 2-D configuration (nn.Conv2d)",
+    trainers=("nnunet_plugins.trainers.dodnet.DoDNetTrainer",),
+    networks=("nnunet_plugins.architectures.dodnet.DoDNet",),
+    dimensions=("2d", "3d"),
+))
+
+register(Method(
+    name="TransDoDNet",
+    paper="Xie, Zhang, Xia, Shen et al. Learning from partially labeled data for multi-organ and tumor "
+          "segmentation. IEEE TPAMI 2023",
+    summary="3-D ResNet-50 + deformable transformer with one query per task; each task query generates its "
+            "dynamic head; per-task binary sigmoid channels, partial-label Dice+BCE, AdamW with warm-up "
+            "(combine datasets with `nnunet-plugins combine`, predict with `nnunet-plugins predict-multitask`)",
+    trainers=("nnunet_plugins.trainers.dodnet.TransDoDNetTrainer",),
+    networks=("nnunet_plugins.architectures.transdodnet.TransDoDNet",),
+    dimensions=("3d",),
+))
+
+
+register(Method(
     name="BA-Net",
     paper="Hu, Liao, Ye, Xia. Boundary-Aware Network for Kidney Parsing. KiPA 2022 (LNCS 13648); Hu, Liao, Xia. "
           "Boundary-Aware Network for Abdominal Multi-Organ Segmentation. AMOS 2022 (arXiv:2208.13774)",

@@ -45,6 +45,7 @@ num_output_channels, enable_deep_supervision)`` (static)
     Local segmentation (B, 1, ...) from selected logits for the online pseudo Dice; default argmax.
 ``configure_optimizers()`` and ``_build_loss()``: nnU-Net's hooks, as usual.
 ``batches_per_task_per_round``: batches each task contributes to a sampling round (UniSeg: 50).
+``grad_clip_norm``: gradient-norm clipping of the training step (nnU-Net: 12; TransDoDNet: 0.1).
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ from nnunet_plugins.trainers.base import PluginTrainer, read_run_length_override
 class MultiTaskTrainer(PluginTrainer):
     """See the module docstring (extension points)."""
 
+    grad_clip_norm: float = 12.0
     batches_per_task_per_round: int = 50
     # a batch holds one task: parts of a multi-task network for other tasks (UniSeg's stem for another
     # channel count, another task's head) may get no gradient in a step, which plain DDP rejects
@@ -205,12 +207,12 @@ class MultiTaskTrainer(PluginTrainer):
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
             self.optimizer.step()
         return {"loss": loss.detach().cpu().numpy()}
 
