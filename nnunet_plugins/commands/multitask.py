@@ -83,7 +83,8 @@ def run_combine(args) -> int:
     folder = combine_datasets(args.datasets, args.output_id, args.name, raw_root=_raw_root(args), tags=args.tags,
                               overwrite=args.overwrite, num_processes=args.num_processes)
     print(f"next: nnUNetv2_plan_and_preprocess -d {args.output_id} -c 3d_fullres")
-    print(f"then: nnUNetv2_train {args.output_id} 3d_fullres FOLD -tr UniSegTrainer")
+    print(f"then: nnUNetv2_train {args.output_id} 3d_fullres FOLD -tr TRAINER  (UniSegTrainer, DoDNetTrainer or "
+          f"TransDoDNetTrainer)")
     return 0 if folder else 1
 
 
