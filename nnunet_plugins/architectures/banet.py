@@ -39,8 +39,9 @@ transposed convolutions and the 1x1 output convolutions (``seg_output_use_bias=F
 build exactly that layout, so the network has the official parameter count for the same plans (also
 when ``BANetTrainer`` builds it from ordinary nnU-Net v2 plans) and the official checkpoints load by
 shape (see ``nnunet_plugins.modules.banet_checkpoint``): 48,366,848 parameters for 6 stages,
-32..320 features, 1 input channel, 5 classes, 3x3x3 kernels; 47,521,056 with 16 classes and a
-(1, 3, 3) first stage (the plain nnU-Net U-Net has 31,198,009 in the first setting).
+32..320 features, 1 input channel, 5 classes, 3x3x3 kernels; 47,521,056 with 16 classes, a (1, 3, 3)
+first stage and in-plane-only first and last pooling (AMOS22-like plans). The plain nnU-Net U-Net has
+31,198,009 in the first setting.
 
 ``official_v1_layout=False`` builds nnU-Net v2's ``UNetDecoder`` layout instead (decoder kernel of the
 skip's stage, biases everywhere): the encoder and the segmentation path are then tensor for tensor
