@@ -52,20 +52,23 @@ def official_v1_count(input_channels, num_classes, features, kernels, strides, n
     return total + 2 * decoder + heads
 
 
-@pytest.mark.parametrize("config,num_classes,official,default", [
+@pytest.mark.parametrize("config,num_classes,official,v2_layout", [
     (ISO, 5, 48_366_848, 48_368_483),
     (ANISO, 16, 47_521_056, 47_412_154),
 ])
-def test_parameter_counts(config, num_classes, official, default):
+def test_parameter_counts(config, num_classes, official, v2_layout):
     kwargs = plans_kwargs(**config)
-    v1 = BANetPlainConvUNet(1, num_classes=num_classes, official_v1_layout=True, **kwargs)
-    v2 = BANetPlainConvUNet(1, num_classes=num_classes, **kwargs)
-    assert count(v1) == official == official_v1_count(1, num_classes, FEATURES_6, config["kernel_sizes"],
-                                                      config["strides"])
-    assert count(v2) == default
+    default = BANetPlainConvUNet(1, num_classes=num_classes, **kwargs)
+    v2 = BANetPlainConvUNet(1, num_classes=num_classes, official_v1_layout=False, **kwargs)
+    # the default network IS the official one: its count, checked against an independent computation
+    assert default.official_v1_layout is True
+    assert count(default) == official == official_v1_count(1, num_classes, FEATURES_6, config["kernel_sizes"],
+                                                           config["strides"])
     # methods.md: 48.37M (5 classes, isotropic) and 47.52M (16 classes, anisotropic first stage)
-    assert round(count(v1) / 1e6, 2) == (48.37 if num_classes == 5 else 47.52)
-    # default layout = nnU-Net v2's PlainConvUNet + a boundary decoder of the same structure
+    assert round(count(default) / 1e6, 2) == (48.37 if num_classes == 5 else 47.52)
+    assert count(BANetPlainConvUNet(1, num_classes=num_classes, official_v1_layout=True, **kwargs)) == official
+    # the v2 layout = nnU-Net v2's PlainConvUNet + a boundary decoder of the same structure
+    assert count(v2) == v2_layout != official
     plain = PlainConvUNet(1, num_classes=num_classes, **kwargs)
     extra_decoder = UNetDecoder(plain.encoder, 2, kwargs["n_conv_per_stage_decoder"], True)
     assert count(v2) == count(plain) + count(extra_decoder) - count(plain.encoder)
@@ -75,7 +78,8 @@ def test_plain_unet_reference_count_and_split():
     kwargs = plans_kwargs(**ISO)
     plain = PlainConvUNet(1, num_classes=5, **kwargs)
     assert round(count(plain) / 1e6, 2) == 31.20
-    net = BANetPlainConvUNet(1, num_classes=5, official_v1_layout=True, **kwargs)
+    assert count(plain) == 31_198_009
+    net = BANetPlainConvUNet(1, num_classes=5, **kwargs)
     # methods.md: encoder 14.03M, each decoder 17.17M
     assert round(count(net.encoder) / 1e6, 2) == 14.03
     assert round(count(net.decoder) / 1e6, 2) == 17.17
@@ -158,7 +162,7 @@ def test_gate_multiplies_upsampled_features_before_concatenation(dim):
 
 def test_gate_with_a_known_boundary_map():
     """Boundary head forced to a constant logit pair: the gate is the same known constant everywhere."""
-    net = tiny(3)
+    net = tiny(3, official_v1_layout=False)  # the v2 layout's heads have a bias to set the constant with
     logit = 1.3
     for head in net.boundary_decoder.seg_layers:
         nn.init.zeros_(head.weight)
@@ -201,19 +205,29 @@ def test_nnunet_default_deep_supervision_switch_works_too():
 def test_plain_nnunet_weights_load_into_the_segmentation_path():
     kwargs = plans_kwargs(3, [4, 8, 16], [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]])
     plain = PlainConvUNet(1, num_classes=3, deep_supervision=True, **kwargs)
-    net = BANetPlainConvUNet(1, num_classes=3, deep_supervision=True, **kwargs)
+    net = BANetPlainConvUNet(1, num_classes=3, deep_supervision=True, official_v1_layout=False, **kwargs)
     result = net.load_state_dict(plain.state_dict(), strict=False)
     assert result.unexpected_keys == []
     assert all(k.startswith("boundary_decoder.") for k in result.missing_keys)
+    # the default (official) layout has no biases in transposed / output convolutions
+    official = BANetPlainConvUNet(1, num_classes=3, deep_supervision=True, **kwargs)
+    result = official.load_state_dict(plain.state_dict(), strict=False)
+    assert "decoder.transpconvs.0.bias" in result.unexpected_keys
 
 
-def test_official_layout_shifts_decoder_kernels_and_drops_biases():
-    net = tiny(3, official_v1_layout=True)
+@pytest.mark.parametrize("extra", [{}, {"official_v1_layout": True}])
+def test_official_layout_shifts_decoder_kernels_and_drops_biases(extra):
+    net = tiny(3, **extra)  # the official layout is the default
+    assert net.official_v1_layout is True
     # decoder stage at the full-resolution level uses stage 1's kernel (3,3,3), not stage 0's (1,3,3)
     assert tuple(net.decoder.stages[-1].convs[0].conv.kernel_size) == (3, 3, 3)
-    assert tuple(tiny(3).decoder.stages[-1].convs[0].conv.kernel_size) == (1, 3, 3)
     for dec in (net.decoder, net.boundary_decoder):
         assert all(m.bias is None for m in list(dec.transpconvs) + list(dec.seg_layers))
+    v2 = tiny(3, official_v1_layout=False)
+    assert v2.official_v1_layout is False
+    assert tuple(v2.decoder.stages[-1].convs[0].conv.kernel_size) == (1, 3, 3)
+    for dec in (v2.decoder, v2.boundary_decoder):
+        assert all(m.bias is not None for m in list(dec.transpconvs) + list(dec.seg_layers))
     assert not any(k.startswith(("decoder.encoder", "boundary_decoder.encoder")) for k in net.state_dict())
     assert net(torch.randn(1, 2, 8, 16, 16))[0].shape == (1, 3, 8, 16, 16)
 
@@ -226,16 +240,43 @@ def test_residual_encoder_variant_matches_resenc_unet():
                   norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None,
                   dropout_op_kwargs=None, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
     ref = ResidualEncoderUNet(1, num_classes=4, deep_supervision=True, **kwargs)
-    net = BANetResidualEncoderUNet(1, num_classes=4, deep_supervision=True, **kwargs)
+    v2 = BANetResidualEncoderUNet(1, num_classes=4, deep_supervision=True, official_v1_layout=False, **kwargs)
     extra = UNetDecoder(ref.encoder, 2, [1, 1, 1], True)
-    assert count(net) == count(ref) + count(extra) - count(ref.encoder)
-    assert net.load_state_dict(ref.state_dict(), strict=False).unexpected_keys == []
+    assert count(v2) == count(ref) + count(extra) - count(ref.encoder)
+    result = v2.load_state_dict(ref.state_dict(), strict=False)
+    assert result.unexpected_keys == [] and all(k.startswith("boundary_decoder.") for k in result.missing_keys)
+    # default: the official BA-Net decoders (isotropic kernels here, so they differ from v2 only by the
+    # biases of the transposed convs (features 8, 16, 32) and of the 1x1 heads (4 + 2 classes, 3 stages))
+    net = BANetResidualEncoderUNet(1, num_classes=4, deep_supervision=True, **kwargs)
+    assert net.official_v1_layout is True
+    assert count(v2) - count(net) == 2 * (8 + 16 + 32) + 3 * (4 + 2)
+    assert all(m.bias is None for dec in (net.decoder, net.boundary_decoder)
+               for m in list(dec.transpconvs) + list(dec.seg_layers))
     net.apply(net.initialize)
     seg, bdr = net(torch.randn(1, 1, 16, 16, 16), return_boundary=True)
     assert [o.shape[1:] for o in seg] == [(4, 16, 16, 16), (4, 8, 8, 8), (4, 4, 4, 4)]
     assert [b.shape[1] for b in bdr] == [2, 2, 2]
     net.deep_supervision = False
     assert net(torch.randn(1, 1, 16, 16, 16)).shape == (1, 4, 16, 16, 16)
+
+
+@pytest.mark.parametrize("official_v1_layout", [True, False])
+def test_residual_encoder_variant_with_anisotropic_kernels(official_v1_layout):
+    kwargs = dict(n_stages=3, features_per_stage=[4, 8, 16], conv_op=nn.Conv3d,
+                  kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]], strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]],
+                  n_blocks_per_stage=[1, 2, 2], n_conv_per_stage_decoder=[1, 1], conv_bias=True,
+                  norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None,
+                  dropout_op_kwargs=None, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+    net = BANetResidualEncoderUNet(2, num_classes=3, deep_supervision=True, official_v1_layout=official_v1_layout,
+                                   **kwargs)
+    # v1: the full-resolution decoder stage takes stage 1's kernel; v2: the skip stage's (1, 3, 3)
+    expected = (3, 3, 3) if official_v1_layout else (1, 3, 3)
+    assert tuple(net.decoder.stages[-1].convs[0].conv.kernel_size) == expected
+    assert tuple(net.boundary_decoder.stages[-1].convs[0].conv.kernel_size) == expected
+    net.apply(net.initialize)
+    seg, bdr = net(torch.randn(1, 2, 4, 16, 16), return_boundary=True)
+    assert [o.shape[1:] for o in seg] == [(3, 4, 16, 16), (3, 4, 8, 8)]
+    assert [b.shape[1:] for b in bdr] == [(2, 4, 16, 16), (2, 4, 8, 8)]
 
 
 def test_feature_map_size_counts_both_decoders():

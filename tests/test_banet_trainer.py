@@ -98,6 +98,13 @@ def test_network_from_plans(results, network, expected):
     trainer.set_deep_supervision_enabled(False)
     assert trainer.network.boundary_decoder.deep_supervision is False
     assert trainer.network(torch.randn(1, 1, 8, 16, 16)).shape == (1, 5, 8, 16, 16)
+    # ordinary nnU-Net v2 plans build the official layout (no bias in transposed convs and heads) ...
+    net = trainer.network
+    assert net.official_v1_layout is True
+    assert all(m.bias is None for dec in (net.decoder, net.boundary_decoder)
+               for m in list(dec.transpconvs) + list(dec.seg_layers))
+    # ... without writing the option into the trainer's plans
+    assert "official_v1_layout" not in trainer.configuration_manager.network_arch_init_kwargs
 
 
 def test_network_class_mapping_and_clear_error():
@@ -193,12 +200,19 @@ def test_ignore_label_is_ignored_by_the_boundary_loss(results):
     assert trainer.network.decoder.num_classes == 5  # no output for the ignore label
 
 
-def test_plans_may_name_the_banet_class_with_the_official_layout(results):
+@pytest.mark.parametrize("class_name", [PLAIN, "nnunet_plugins.architectures.banet.BANetPlainConvUNet"])
+def test_plans_may_ask_for_the_nnunet_v2_layout(results, class_name):
     plans = make_plans()
     arch = plans["configurations"]["cfg"]["architecture"]
-    arch["network_class_name"] = "nnunet_plugins.architectures.banet.BANetPlainConvUNet"
-    arch["arch_kwargs"]["official_v1_layout"] = True
+    arch["network_class_name"] = class_name
+    arch["arch_kwargs"]["official_v1_layout"] = False
     trainer = BANetTrainer(plans, "cfg", 0, copy.deepcopy(DATASET_JSON), torch.device("cpu"))
     net = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 5, False)
-    assert net.official_v1_layout is True and net.decoder.transpconvs[0].bias is None
+    assert type(net) is BANetPlainConvUNet
+    assert net.official_v1_layout is False and net.decoder.transpconvs[0].bias is not None
     assert net(torch.randn(1, 1, 8, 16, 16)).shape == (1, 5, 8, 16, 16)
+    official = make_trainer().network
+    # isotropic kernels: the v2 layout has exactly the biases of the transposed convs (outputs 16, 8, 4 in
+    # each decoder) and of the 3 heads per decoder (5 resp. 2 classes) more
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    assert n(net) - n(official) == 2 * (4 + 8 + 16) + 3 * (5 + 2)

@@ -20,7 +20,8 @@ supervised at every scale.
 
 The segmentation decoder is named ``decoder`` (as in ``PlainConvUNet``) so that nnU-Net's conventions
 (``network.decoder.deep_supervision``) and the state-dict names of the encoder and the segmentation path
-are those of nnU-Net's own U-Net; a plain nnU-Net v2 checkpoint initialises the segmentation path by name.
+are those of nnU-Net's own U-Net; with ``official_v1_layout=False`` a plain nnU-Net v2 checkpoint
+initialises the encoder and the segmentation path by name (shapes included).
 
 Shapes (``d`` = 2 or 3 spatial axes, input ``x``: ``(B, input_channels, *spatial)``):
 
@@ -31,15 +32,23 @@ Shapes (``d`` = 2 or 3 spatial axes, input ``x``: ``(B, input_channels, *spatial
 * ``forward(x, return_boundary=True)``: the pair ``(segmentation, boundary)`` where ``boundary`` has the
   same structure as ``segmentation`` with 2 channels. The trainer uses this for its boundary loss.
 
-Deviation from the official code: nnU-Net v1 (which the official network is built on) gives decoder
-stage ``s`` the convolution kernel of the encoder stage BELOW the skip and has no bias in the transposed
-convolutions and the 1x1 output convolutions; nnU-Net v2's ``UNetDecoder`` uses the skip stage's kernel
-and biases everywhere. By default we follow nnU-Net v2 (identical to ``PlainConvUNet`` on the
-segmentation path). ``official_v1_layout=True`` reproduces the official network exactly (its parameter
-count and its state-dict shapes; required to load the official checkpoints, see
-``nnunet_plugins.modules.banet_checkpoint``). Both layouts coincide for isotropic kernels up to the
-biases: 48,368,483 (default) vs 48,366,848 (official) parameters for 6 stages, 32..320 features,
-1 input channel, 5 classes, 3x3x3 kernels; plain U-Net 31,198,009.
+Decoder layout (``official_v1_layout``, default True): the official network is nnU-Net v1's generic
+U-Net (``Generic_UNet``) with a second decoder. nnU-Net v1 gives decoder stage ``s`` the convolution
+kernel of the encoder stage BELOW the skip (the one it upsamples from) and has no bias in the
+transposed convolutions and the 1x1 output convolutions (``seg_output_use_bias=False``). By default we
+build exactly that layout, so the network has the official parameter count for the same plans (also
+when ``BANetTrainer`` builds it from ordinary nnU-Net v2 plans) and the official checkpoints load by
+shape (see ``nnunet_plugins.modules.banet_checkpoint``): 48,366,848 parameters for 6 stages,
+32..320 features, 1 input channel, 5 classes, 3x3x3 kernels; 47,521,056 with 16 classes, a (1, 3, 3)
+first stage and in-plane-only first and last pooling (AMOS22-like plans). The plain nnU-Net U-Net has
+31,198,009 in the first setting.
+
+``official_v1_layout=False`` builds nnU-Net v2's ``UNetDecoder`` layout instead (decoder kernel of the
+skip's stage, biases everywhere): the encoder and the segmentation path are then tensor for tensor
+those of ``PlainConvUNet`` / ``ResidualEncoderUNet``, so plain nnU-Net v2 weights initialise them by
+name (``load_state_dict(..., strict=False)`` leaves only ``boundary_decoder.*`` missing). Counts in
+that layout: 48,368,483 and 47,412,154 for the two settings above. For isotropic kernels the layouts
+differ only by the biases; with anisotropic kernels the decoder kernels differ too.
 """
 from __future__ import annotations
 
@@ -172,8 +181,9 @@ class BANetPlainConvUNet(_BANetBase):
     ``input_channels``, ``n_stages``, ``features_per_stage``, ``conv_op`` (Conv2d / Conv3d decides 2-D or
     3-D), ``kernel_sizes``, ``strides``, ``n_conv_per_stage``, ``num_classes``, ``n_conv_per_stage_decoder``,
     ``conv_bias``, ``norm_op(_kwargs)``, ``dropout_op(_kwargs)``, ``nonlin(_kwargs)``, ``deep_supervision``,
-    ``nonlin_first``. ``official_v1_layout`` (default False): nnU-Net v1 decoder kernels and no bias in the
-    transposed / output convolutions, as the official network (see the module docstring).
+    ``nonlin_first``. ``official_v1_layout`` (default True): the official network's decoders (nnU-Net v1
+    decoder kernels, no bias in the transposed / output convolutions); False: nnU-Net v2's ``UNetDecoder``
+    layout, to initialise from plain ``PlainConvUNet`` weights by name (see the module docstring).
     """
 
     def __init__(
@@ -196,7 +206,7 @@ class BANetPlainConvUNet(_BANetBase):
         nonlin_kwargs: dict = None,
         deep_supervision: bool = False,
         nonlin_first: bool = False,
-        official_v1_layout: bool = False,
+        official_v1_layout: bool = True,
     ):
         super().__init__()
         self.key_to_encoder = "encoder.stages"
@@ -223,9 +233,12 @@ class BANetPlainConvUNet(_BANetBase):
 class BANetResidualEncoderUNet(_BANetBase):
     """BA-Net on nnU-Net's residual-encoder U-Net (``ResidualEncoderUNet`` arguments; ResEnc M/L/XL plans).
 
-    Encoder: ``ResidualEncoder`` (stem + residual blocks); decoders: two plain ``UNetDecoder`` as in
+    Encoder: ``ResidualEncoder`` (stem + residual blocks); decoders: two plain-convolution decoders as in
     ``ResidualEncoderUNet``. The official BA-Net has no residual variant; this lets BA-Net run on
-    ``nnUNetPlannerResEncM/L`` plans unchanged.
+    ``nnUNetPlannerResEncM/L`` plans unchanged. ``official_v1_layout`` (default True, as
+    ``BANetPlainConvUNet``): the decoders are laid out as the official BA-Net's (nnU-Net v1 decoder
+    kernels, no bias in transposed / output convolutions); False: nnU-Net v2's ``UNetDecoder`` layout,
+    i.e. the encoder and segmentation path of ``ResidualEncoderUNet``, whose weights then load by name.
     """
 
     def __init__(
@@ -250,6 +263,7 @@ class BANetResidualEncoderUNet(_BANetBase):
         block: Union[Type[BasicBlockD], Type[BottleneckD]] = BasicBlockD,
         bottleneck_channels: Union[int, List[int], Tuple[int, ...]] = None,
         stem_channels: int = None,
+        official_v1_layout: bool = True,
     ):
         super().__init__()
         self.key_to_encoder = "encoder.stages"
@@ -266,7 +280,7 @@ class BANetResidualEncoderUNet(_BANetBase):
                                        n_blocks_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
                                        dropout_op_kwargs, nonlin, nonlin_kwargs, block, bottleneck_channels,
                                        return_skips=True, disable_default_stem=False, stem_channels=stem_channels)
-        self._build_decoders(num_classes, n_conv_per_stage_decoder, deep_supervision, False, False)
+        self._build_decoders(num_classes, n_conv_per_stage_decoder, deep_supervision, False, official_v1_layout)
 
     @staticmethod
     def initialize(module):

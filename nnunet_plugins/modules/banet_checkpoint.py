@@ -20,8 +20,9 @@ seg_outputs.{u} / bdr_outputs.{u}                   decoder.seg_layers.{u} / bou
 ``u`` counts decoder stages from the bottleneck in both. The architecture (stages, features, kernels,
 strides, convolutions per stage, classes, input channels, 2-D/3-D) is read from the checkpoint's tensor
 shapes, and the network is built with ``official_v1_layout=True`` (nnU-Net v1's decoder kernels, no bias
-in transposed and output convolutions), so every tensor must match in name AND shape: anything left over
-on either side is an error that names the tensors.
+in transposed and output convolutions; the network's default, written explicitly into the architecture
+entry so the converted file does not depend on that default), so every tensor must match in name AND
+shape: anything left over on either side is an error that names the tensors.
 """
 from __future__ import annotations
 

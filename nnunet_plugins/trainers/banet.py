@@ -5,8 +5,11 @@ What BA-Net changes relative to ``nnUNetTrainer`` and nothing else:
 * the network: the plans' U-Net (``PlainConvUNet`` or, on ResEnc plans, ``ResidualEncoderUNet``) becomes
   its BA-Net counterpart with the same constructor arguments (``BANetPlainConvUNet`` /
   ``BANetResidualEncoderUNet``: shared encoder, boundary decoder, boundary-gated segmentation decoder).
-  Plans may also name a BA-Net class directly (e.g. with ``official_v1_layout: true`` to run converted
-  official checkpoints);
+  The decoders have the official network's layout (``official_v1_layout``: nnU-Net v1's decoder kernels,
+  no bias in transposed / output convolutions), so ordinary nnU-Net v2 plans give the official parameter
+  count. Plans may set ``official_v1_layout: false`` in ``arch_kwargs`` (optionally naming a BA-Net class
+  directly) for nnU-Net v2's decoder layout, whose encoder and segmentation path are named and shaped as
+  nnU-Net's own U-Net;
 * the targets: ``BoundaryTargetTransform`` is inserted into nnU-Net's training and validation pipelines
   right before the deep-supervision downsampling, so the boundary is computed once on the augmented
   full-resolution patch and downsampled exactly like the segmentation (it travels as the last target
@@ -106,9 +109,12 @@ class BANetTrainer(PluginTrainer):
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> torch.nn.Module:
+        # the official layout unless the plans say otherwise (explicit, so plans without the key never
+        # depend on the network class's default)
+        arch_kwargs = {"official_v1_layout": True, **configuration_manager.network_arch_init_kwargs}
         return get_network_from_plans(
             banet_network_class(configuration_manager.network_arch_class_name),
-            configuration_manager.network_arch_init_kwargs,
+            arch_kwargs,
             configuration_manager.network_arch_init_kwargs_req_import,
             num_input_channels, num_output_channels, allow_init=True, deep_supervision=enable_deep_supervision)
 
