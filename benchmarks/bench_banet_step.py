@@ -23,7 +23,6 @@ CPU default: patch 16x64x64, batch 2, 5 classes (KiPA22). CUDA default: AMP, pat
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+from common import cpu_peak_rss, print_cpu_memory, time_steps
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -121,40 +121,6 @@ def build(name, args):
     return net, patch, kwargs, step
 
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError("the CPU memory measurement needs Linux /proc")
-
-
-def _rss_child(name, argv, queue):
-    _, _, _, step = build(name, parse_args(argv))
-    before = _status_kib("VmRSS")
-    for _ in range(2):
-        step()
-    queue.put((name, before, _status_kib("VmHWM")))
-
-
-def cpu_peak_rss(argv):
-    ctx = mp.get_context("spawn")
-    out = {}
-    for name in ("BA-Net", "U-Net"):
-        q = ctx.Queue()
-        proc = ctx.Process(target=_rss_child, args=(name, argv, q))
-        proc.start()
-        res = q.get()
-        proc.join()
-        out[res[0]] = res[1:]
-    return out
-
-
 def boundary_pipeline_share(patch, repeats=5):
     """Seconds of BoundaryTargetTransform and of nnU-Net's whole training pipeline, one sample."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -179,6 +145,11 @@ def boundary_pipeline_share(patch, repeats=5):
     return statistics.median(t_bdr), statistics.median(t_pipe)
 
 
+def make_step(name, argv):
+    """Build one model's training step from the command line (used in the memory child processes)."""
+    return build(name, parse_args(argv))[3]
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -192,24 +163,7 @@ def main(argv=None):
     print(f"parameters: BA-Net {params['BA-Net'] / 1e6:.2f}M, U-Net {params['U-Net'] / 1e6:.2f}M "
           f"(ratio {params['BA-Net'] / params['U-Net']:.2f})")
 
-    times = {k: [] for k in steps}
-    peak_cuda = {}
-    for name, step in steps.items():  # warm-up, and the CUDA peak of one step
-        if args.device.startswith("cuda"):
-            sync(args.device)
-            torch.cuda.reset_peak_memory_stats()
-        step()
-        sync(args.device)
-        if args.device.startswith("cuda"):
-            peak_cuda[name] = torch.cuda.max_memory_allocated()
-    for _ in range(args.iters):
-        for name, step in steps.items():
-            sync(args.device)
-            t0 = time.perf_counter()
-            step()
-            sync(args.device)
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med, peak_cuda = time_steps(steps, args.device, args.iters)
     for name in steps:
         print(f"{name:6s} step (fwd+loss+bwd+SGD): {med[name] * 1e3:9.1f} ms (median of {args.iters})")
     print(f"time ratio BA-Net / U-Net: {med['BA-Net'] / med['U-Net']:.2f}")
@@ -220,11 +174,7 @@ def main(argv=None):
         print(f"memory ratio BA-Net / U-Net: {peak_cuda['BA-Net'] / peak_cuda['U-Net']:.2f}")
     elif not args.no_memory:
         del nets, steps
-        rss = cpu_peak_rss(argv)
-        for name, (before, peak) in rss.items():
-            print(f"{name:6s} peak RSS {peak / 2 ** 20:.2f} GiB (training adds {(peak - before) / 2 ** 20:.2f} GiB)")
-        print(f"memory ratio BA-Net / U-Net (added by training): "
-              f"{(rss['BA-Net'][1] - rss['BA-Net'][0]) / (rss['U-Net'][1] - rss['U-Net'][0]):.2f}")
+        print_cpu_memory(cpu_peak_rss(make_step, ("BA-Net", "U-Net"), argv), "BA-Net", "U-Net")
 
     t_bdr, t_pipe = boundary_pipeline_share(patch)
     print(f"boundary targets per sample: {t_bdr * 1e3:.1f} ms = {t_bdr / t_pipe:.3f} x nnU-Net's training "

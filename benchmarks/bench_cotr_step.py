@@ -23,14 +23,12 @@ AMP is used (``--no-amp`` to disable) and the default patch is the official 48x1
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from common import cpu_peak_rss, print_cpu_memory, time_steps
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -100,40 +98,9 @@ def build(name, args):
     return net, patch, step
 
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _proc_status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (the CPU memory measurement needs Linux)")
-
-
-def _rss_child(name, argv, queue):
-    """Child process: a few steps of one model, report (RSS before the first step, peak RSS) in KiB."""
-    args = parse_args(argv)
-    _, _, step = build(name, args)
-    before = _proc_status_kib("VmRSS")
-    for _ in range(2):
-        step()
-    queue.put((name, before, _proc_status_kib("VmHWM")))
-
-
-def cpu_peak_rss(argv):
-    ctx = mp.get_context("spawn")
-    out = {}
-    for name in ("CoTr", "U-Net"):
-        q = ctx.Queue()
-        proc = ctx.Process(target=_rss_child, args=(name, argv, q))
-        proc.start()
-        res = q.get()
-        proc.join()
-        out[res[0]] = res[1:]
-    return out
+def make_step(name, argv):
+    """Build one model's training step from the command line (used in the memory child processes)."""
+    return build(name, parse_args(argv))[2]
 
 
 def main(argv=None):
@@ -152,24 +119,7 @@ def main(argv=None):
     if patches["U-Net"] != patches["CoTr"]:
         print("note: nnU-Net's planner adjusted the U-Net patch for divisibility")
 
-    times = {k: [] for k in steps}
-    peak_cuda = {}
-    for name, step in steps.items():  # warm-up (and CUDA peak memory of one step)
-        if args.device.startswith("cuda"):
-            sync(args.device)
-            torch.cuda.reset_peak_memory_stats()
-        step()
-        sync(args.device)
-        if args.device.startswith("cuda"):
-            peak_cuda[name] = torch.cuda.max_memory_allocated()
-    for _ in range(args.iters):
-        for name, step in steps.items():
-            sync(args.device)
-            t0 = time.perf_counter()
-            step()
-            sync(args.device)
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med, peak_cuda = time_steps(steps, args.device, args.iters)
     for name in steps:
         print(f"{name:5s} step (fwd+bwd+SGD): {med[name] * 1e3:9.1f} ms (median of {args.iters})")
     print(f"time ratio CoTr / U-Net: {med['CoTr'] / med['U-Net']:.2f}")
@@ -180,12 +130,7 @@ def main(argv=None):
         print(f"memory ratio CoTr / U-Net: {peak_cuda['CoTr'] / peak_cuda['U-Net']:.2f}")
     elif not args.no_memory:
         del nets, steps
-        rss = cpu_peak_rss(argv)
-        for name, (before, peak) in rss.items():
-            print(f"{name:5s} peak RSS {peak / 2 ** 20:.2f} GiB (training adds {(peak - before) / 2 ** 20:.2f} GiB "
-                  f"over the {before / 2 ** 20:.2f} GiB before the first step)")
-        print(f"memory ratio CoTr / U-Net (added by training): "
-              f"{(rss['CoTr'][1] - rss['CoTr'][0]) / (rss['U-Net'][1] - rss['U-Net'][0]):.2f}")
+        print_cpu_memory(cpu_peak_rss(make_step, ("CoTr", "U-Net"), argv), "CoTr", "U-Net", width=5)
 
 
 if __name__ == "__main__":

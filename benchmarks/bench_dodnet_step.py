@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_cotr_step import build_unet, sync  # noqa: E402  (the same nnU-Net baseline as the CoTr benchmark)
+from bench_cotr_step import build_unet  # noqa: E402  (the same nnU-Net baseline as the CoTr benchmark)
+from common import time_steps  # noqa: E402
 
 MODELS = ("DoDNet", "TransDoDNet", "U-Net")
 
@@ -125,24 +124,7 @@ def main(argv=None):
     for name in args.models:
         print(f"{name:11s} patch {patches[name]}, {sum(p.numel() for p in nets[name].parameters()) / 1e6:.2f}M "
               f"parameters")
-    times = {k: [] for k in steps}
-    peak = {}
-    for name, step in steps.items():  # warm-up (and CUDA peak memory of one step)
-        if args.device.startswith("cuda"):
-            sync(args.device)
-            torch.cuda.reset_peak_memory_stats()
-        step()
-        sync(args.device)
-        if args.device.startswith("cuda"):
-            peak[name] = torch.cuda.max_memory_allocated()
-    for _ in range(args.iters):
-        for name, step in steps.items():
-            sync(args.device)
-            t0 = time.perf_counter()
-            step()
-            sync(args.device)
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med, peak = time_steps(steps, args.device, args.iters)
     for name in steps:
         print(f"{name:11s} step: {med[name] * 1e3:9.1f} ms (median of {args.iters})"
               + (f", peak CUDA memory {peak[name] / 2 ** 30:.2f} GiB" if name in peak else ""))

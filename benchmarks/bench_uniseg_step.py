@@ -14,13 +14,12 @@ the official patch 64x192x192.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import time_steps
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -81,18 +80,7 @@ def main(argv=None):
           f"batch {args.batch}")
     for name, net in nets.items():
         print(f"{name:6s} {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters")
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    for step in steps.values():
-        step()
-    times = {k: [] for k in steps}
-    for _ in range(args.iters):
-        for name, step in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med, _ = time_steps(steps, args.device, args.iters)
     for name in steps:
         print(f"{name:6s} step (fwd+bwd+SGD): {med[name] * 1e3:9.1f} ms (median of {args.iters})")
     print(f"time ratio UniSeg / U-Net: {med['UniSeg'] / med['U-Net']:.2f}")

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from nnunet_plugins.runner import console_command, run_step
+from nnunet_plugins.runner import console_command, nnunet_cpu_env, run_step
 
 DEMO_DATASET_ID = 501
 # CoTr with a quarter of the official widths (official: 64/192/384/384, 6 heads, FFN 1536):
@@ -65,16 +65,11 @@ def dice_per_label(reference_folder: str, prediction_folder: str, labels: dict) 
 def run_demo(workdir: str, epochs: int = 8, iterations: int = 25, num_cases: int = 10, full_width: bool = False,
              seed: int = 0) -> dict:
     workdir = os.path.abspath(workdir)
-    raw, pre, res = (os.path.join(workdir, n) for n in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
-    for d in (raw, pre, res):
-        os.makedirs(d, exist_ok=True)
-    env = dict(os.environ, nnUNet_raw=raw, nnUNet_preprocessed=pre, nnUNet_results=res,
-               nnUNet_n_proc_DA="0", nnUNet_def_n_proc="2", nnUNet_compile="0",
-               NNUNET_PLUGINS_EPOCHS=str(epochs), NNUNET_PLUGINS_ITERS=str(iterations),
+    # the demo's own nnUNet_raw/_preprocessed/_results under workdir, CPU settings, trainers registered
+    env = nnunet_cpu_env(workdir, threads=os.cpu_count() or 2)
+    env.update(NNUNET_PLUGINS_EPOCHS=str(epochs), NNUNET_PLUGINS_ITERS=str(iterations),
                NNUNET_PLUGINS_VAL_ITERS="5", NNUNET_PLUGINS_SAVE_EVERY="1")
-    from nnunet_plugins._autoregister import register
-
-    register(env)  # in case the .pth of an installed package is not active (e.g. PYTHONPATH checkouts)
+    raw, res = env["nnUNet_raw"], env["nnUNet_results"]
     log_file = os.path.join(workdir, "demo_log.txt")
     plugins = [sys.executable, "-m", "nnunet_plugins"]
     ds = str(DEMO_DATASET_ID)

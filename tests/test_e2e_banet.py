@@ -61,20 +61,11 @@ def _narrow(plans_file, features):
 @pytest.fixture(scope="module")
 def e2e_env(tmp_path_factory):
     """nnU-Net folders and the CPU settings shared by this module's tests."""
-    from nnunet_plugins._autoregister import register
+    from nnunet_plugins.runner import nnunet_cpu_env
 
     root = tmp_path_factory.mktemp("banet_e2e")
-    env = dict(os.environ)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        env[name] = str(root / name)
-        os.makedirs(env[name], exist_ok=True)
-    env.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="2", nnUNet_compile="0", OMP_NUM_THREADS="1",
-               NNUNET_PLUGINS_VAL_ITERS="2", NNUNET_PLUGINS_SAVE_EVERY="1",
-               # nnUNetv2_train -device cpu sets torch.set_num_threads(cpu_count()) whatever OMP_NUM_THREADS
-               # says; with the other cores busy, spinning OpenMP threads then make a step ~20x slower
-               # (measured 11-13 s vs 0.6 s per BA-Net step on 2 loaded cores). Waiting threads sleep instead:
-               OMP_WAIT_POLICY="PASSIVE")
-    register(env)
+    env = nnunet_cpu_env(root, threads=1)
+    env.update(NNUNET_PLUGINS_VAL_ITERS="2", NNUNET_PLUGINS_SAVE_EVERY="1")
     return env, str(root / "log.txt")
 
 

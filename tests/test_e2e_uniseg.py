@@ -27,16 +27,10 @@ def _dice(ref, pred, label):
 
 
 def _env(root):
-    from nnunet_plugins._autoregister import register
+    from nnunet_plugins.runner import nnunet_cpu_env
 
-    env = dict(os.environ)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        env[name] = str(root / name)
-        os.makedirs(env[name], exist_ok=True)
-    env.update(nnUNet_def_n_proc="2", nnUNet_compile="0", OMP_NUM_THREADS="2")
-    env.pop("nnUNet_n_proc_DA", None)   # planning crashes with 0 (nnU-Net 2.8.1); training sets it
-    register(env)
-    return env
+    # planning crashes with nnUNet_n_proc_DA=0 (nnU-Net 2.8.1): unset here, training sets it
+    return nnunet_cpu_env(root, augmentation_workers=None, threads=2)
 
 
 def _tiny_plans(pre_folder, features, patch):

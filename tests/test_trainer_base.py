@@ -33,7 +33,6 @@ def test_patch_for_voxel_budget_reproduces_the_official_cotr_patch():
 
 
 def test_ddp_wrapping_passes_find_unused_parameters_only_inside_the_context():
-    import torch
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as module
 
     from nnunet_plugins.trainers.base import ddp_with_unused_parameters

@@ -1,0 +1,78 @@
+"""Timing and memory helpers shared by the training-step benchmarks (not a test; run the scripts)."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import statistics
+import time
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(steps: dict, device: str, iters: int) -> tuple[dict, dict]:
+    """Median seconds per call of each step (interleaved, after one warm-up call each) and, on CUDA,
+    the peak memory of the warm-up call (bytes)."""
+    peak_cuda = {}
+    for name, step in steps.items():
+        if device.startswith("cuda"):
+            sync(device)
+            torch.cuda.reset_peak_memory_stats()
+        step()
+        sync(device)
+        if device.startswith("cuda"):
+            peak_cuda[name] = torch.cuda.max_memory_allocated()
+    times = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, step in steps.items():  # interleaved, so that load changes hit every model alike
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}, peak_cuda
+
+
+def proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (the CPU memory measurement needs Linux)")
+
+
+def _rss_child(make_step, name, argv, queue):
+    step = make_step(name, argv)
+    before = proc_status_kib("VmRSS")
+    for _ in range(2):
+        step()
+    queue.put((name, before, proc_status_kib("VmHWM")))
+
+
+def cpu_peak_rss(make_step, names, argv) -> dict:
+    """{name: (RSS before the first step, peak RSS) in KiB}, each model in a fresh spawned process.
+
+    ``make_step(name, argv)`` (a module-level function) builds the model and returns its step. The peak
+    is read from /proc (VmHWM), not ru_maxrss, which Linux carries over from the parent into the child.
+    """
+    ctx = mp.get_context("spawn")
+    out = {}
+    for name in names:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_rss_child, args=(make_step, name, argv, queue))
+        proc.start()
+        result = queue.get()
+        proc.join()
+        out[result[0]] = result[1:]
+    return out
+
+
+def print_cpu_memory(rss: dict, model: str, baseline: str, width: int = 6) -> None:
+    for name, (before, peak) in rss.items():
+        print(f"{name:{width}s} peak RSS {peak / 2 ** 20:.2f} GiB (training adds {(peak - before) / 2 ** 20:.2f} GiB "
+              f"over the {before / 2 ** 20:.2f} GiB before the first step)")
+    added = {name: peak - before for name, (before, peak) in rss.items()}
+    print(f"memory ratio {model} / {baseline} (added by training): {added[model] / added[baseline]:.2f}")
