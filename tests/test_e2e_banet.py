@@ -23,6 +23,8 @@ from nnunet_plugins.modules.crossval import kfold_split
 from nnunet_plugins.runner import console_command, run_step
 from nnunet_plugins.synthetic import generate_dataset
 
+from e2e_helpers import assert_same_geometry
+
 pytestmark = pytest.mark.slow
 
 DATASET_ID = 512
@@ -88,10 +90,7 @@ def _check_predictions(folder, out, cases=TEST_CASES, labels=(1, 2, 3, 4)):
     for case in cases:
         ref_img = sitk.ReadImage(os.path.join(folder, "labelsTs", case + ".nii.gz"))
         pred_img = sitk.ReadImage(os.path.join(out, case + ".nii.gz"))
-        assert pred_img.GetSize() == ref_img.GetSize()
-        np.testing.assert_allclose(pred_img.GetSpacing(), ref_img.GetSpacing(), rtol=1e-5)
-        np.testing.assert_allclose(pred_img.GetOrigin(), ref_img.GetOrigin(), atol=1e-4)
-        np.testing.assert_allclose(pred_img.GetDirection(), ref_img.GetDirection(), atol=1e-6)
+        assert_same_geometry(pred_img, ref_img)
         assert set(np.unique(sitk.GetArrayFromImage(pred_img))) <= {0, *labels}
 
 

@@ -16,15 +16,12 @@ import torch
 from nnunet_plugins.runner import console_command, run_step
 from nnunet_plugins.synthetic import generate_dataset
 
+from e2e_helpers import assert_same_geometry, dice
+
 pytestmark = pytest.mark.slow
 
 TINY_COTR = {"stage_channels": [8, 24, 48, 48], "blocks_per_stage": [1, 1, 1], "num_heads": 4, "ffn_dim": 96,
              "num_encoder_layers": 1}
-
-
-def _dice(ref, pred, label):
-    r, p = ref == label, pred == label
-    return 2.0 * np.logical_and(r, p).sum() / max(1, r.sum() + p.sum())
 
 
 def test_cotr_plan_train_continue_predict(nnunet_env, tmp_path):
@@ -90,13 +87,10 @@ def test_cotr_plan_train_continue_predict(nnunet_env, tmp_path):
     for case in ("Synthetic_008", "Synthetic_009"):
         ref_img = sitk.ReadImage(os.path.join(folder, "labelsTs", case + ".nii.gz"))
         pred_img = sitk.ReadImage(os.path.join(out, case + ".nii.gz"))
-        assert pred_img.GetSize() == ref_img.GetSize()
-        np.testing.assert_allclose(pred_img.GetSpacing(), ref_img.GetSpacing(), rtol=1e-5)
-        np.testing.assert_allclose(pred_img.GetOrigin(), ref_img.GetOrigin(), atol=1e-4)
-        np.testing.assert_allclose(pred_img.GetDirection(), ref_img.GetDirection(), atol=1e-6)
+        assert_same_geometry(pred_img, ref_img)
         ref, pred = sitk.GetArrayFromImage(ref_img), sitk.GetArrayFromImage(pred_img)
         assert set(np.unique(pred)) <= {0, 1, 2}
-        dices += [_dice(ref, pred, 1), _dice(ref, pred, 2)]
+        dices += [dice(ref == 1, pred == 1), dice(ref == 2, pred == 2)]
     # learned: an untrained or broken model is far below this (chance-level overlap of these small
     # structures is a few percent); 120 tiny-CoTr iterations reach about 0.9 (validation fold: 0.92)
     print("held-out Dice", dices)

@@ -22,6 +22,8 @@ import torch
 from nnunet_plugins.runner import console_command, run_step
 from nnunet_plugins.synthetic import generate_dataset
 
+from e2e_helpers import assert_same_geometry, dice
+
 pytestmark = pytest.mark.slow
 
 PLUGINS = [sys.executable, "-m", "nnunet_plugins"]
@@ -40,10 +42,6 @@ TINY = {
 RUN = dict(nnUNet_n_proc_DA="0", NNUNET_PLUGINS_EPOCHS="3", NNUNET_PLUGINS_ITERS="20", NNUNET_PLUGINS_VAL_ITERS="2",
            NNUNET_PLUGINS_SAVE_EVERY="1")
 FAST_PREDICT = ["-device", "cpu", "--disable-tta", "-npp", "0", "-nps", "0"]
-
-
-def _dice(ref, pred):
-    return 2.0 * np.logical_and(ref, pred).sum() / max(1, ref.sum() + pred.sum())
 
 
 def _env(root):
@@ -124,17 +122,14 @@ def _predict_and_check(combined, trainer, plans_name, out_name):
         assert set(np.unique(pred)) <= combined_values, f"{case}: only its own task's combined labels"
         ref_img = sitk.ReadImage(os.path.join(folder, "labelsTs", case + ".nii.gz"))
         src_img = sitk.ReadImage(os.path.join(src_out, tag, case + ".nii.gz"))
-        assert src_img.GetSize() == ref_img.GetSize()
-        np.testing.assert_allclose(src_img.GetSpacing(), ref_img.GetSpacing(), rtol=1e-5)
-        np.testing.assert_allclose(src_img.GetOrigin(), ref_img.GetOrigin(), atol=1e-4)
-        np.testing.assert_allclose(src_img.GetDirection(), ref_img.GetDirection(), atol=1e-6)
+        assert_same_geometry(src_img, ref_img)
         ref, got = sitk.GetArrayFromImage(ref_img), sitk.GetArrayFromImage(src_img)
         np.testing.assert_array_equal(got, np.where(pred > 0, pred - offset, 0))   # source values
         if tag == "Liv":   # the two sigmoid channels: organ (values 1 and 2) and tumour (value 2)
-            dices["Liv:organ"] = _dice(np.isin(ref, [1, 2]), np.isin(got, [1, 2]))
-            dices["Liv:tumour"] = _dice(ref == 2, got == 2)
+            dices["Liv:organ"] = dice(np.isin(ref, [1, 2]), np.isin(got, [1, 2]))
+            dices["Liv:tumour"] = dice(ref == 2, got == 2)
         else:
-            dices["Spl:organ"] = _dice(ref == 1, got == 1)
+            dices["Spl:organ"] = dice(ref == 1, got == 1)
     print(f"{trainer} test Dice:", {k: round(float(v), 3) for k, v in dices.items()})
     return dices, out
 

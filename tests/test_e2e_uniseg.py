@@ -15,15 +15,12 @@ import torch
 from nnunet_plugins.runner import console_command, run_step
 from nnunet_plugins.synthetic import generate_dataset
 
+from e2e_helpers import assert_same_geometry, dice
+
 pytestmark = pytest.mark.slow
 
 PLUGINS = [sys.executable, "-m", "nnunet_plugins"]
 MODEL = "UniSegTrainer__nnUNetPlans__3d_fullres"
-
-
-def _dice(ref, pred, label):
-    r, p = ref == label, pred == label
-    return 2.0 * np.logical_and(r, p).sum() / max(1, r.sum() + p.sum())
 
 
 def _env(root):
@@ -103,14 +100,11 @@ def test_predict_each_case_for_its_task_and_export_source_labels(trained):
         assert set(np.unique(pred)) <= values, f"{case}: only its own task's combined labels"
         ref_img = sitk.ReadImage(os.path.join(folder, "labelsTs", case + ".nii.gz"))
         src_img = sitk.ReadImage(os.path.join(src_out, tag, case + ".nii.gz"))
-        assert src_img.GetSize() == ref_img.GetSize()
-        np.testing.assert_allclose(src_img.GetSpacing(), ref_img.GetSpacing(), rtol=1e-5)
-        np.testing.assert_allclose(src_img.GetOrigin(), ref_img.GetOrigin(), atol=1e-4)
-        np.testing.assert_allclose(src_img.GetDirection(), ref_img.GetDirection(), atol=1e-6)
+        assert_same_geometry(src_img, ref_img)
         ref, got = sitk.GetArrayFromImage(ref_img), sitk.GetArrayFromImage(src_img)
         assert set(np.unique(got)) <= set(range(n + 1)), "source label values"
         np.testing.assert_array_equal(got, np.where(pred > 0, pred - (0 if tag == "A" else 2), 0))
-        dices[tag] = [_dice(ref, got, k) for k in range(1, n + 1)]
+        dices[tag] = [dice(ref == k, got == k) for k in range(1, n + 1)]
     print("test Dice per task:", {k: round(float(np.mean(v)), 3) for k, v in dices.items()})
     # learned: untrained or task-confused predictions are far below this for these small structures
     assert np.mean([d for v in dices.values() for d in v]) > 0.5, dices
