@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 
+from nnunet_plugins.atomic import write_json
 from nnunet_plugins.runner import console_command, nnunet_cpu_env, run_step
 
 DEMO_DATASET_ID = 501
@@ -98,10 +99,7 @@ def run_demo(workdir: str, epochs: int = 8, iterations: int = 25, num_cases: int
         labels = json.load(f)["labels"]
     summary = dice_per_label(os.path.join(dataset_dir, "labelsTs"), pred_dir, labels)
     summary.update(method="CoTr", epochs=epochs, iterations_per_epoch=iterations, full_width=full_width)
-    tmp = os.path.join(workdir, ".demo_summary.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "demo_summary.json"))
+    write_json(summary, os.path.join(workdir, "demo_summary.json"))
     print("\nCoTr on the synthetic dataset, held-out cases, Dice per structure:")
     for name, value in summary["dice"].items():
         print(f"  {name:12s} {value:.3f}")

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from nnunet_plugins.atomic import atomic_directory
 
 STRUCTURE_SHAPES = ("ellipsoid", "box", "tube", "shell", "cone", "dumbbell")
 # Mean intensity of each structure (CT-like units) and of the background: at least 200 apart, i.e.
@@ -237,8 +237,7 @@ def generate_dataset(raw_root: str | os.PathLike | None = None, *, overwrite: bo
                 and os.path.isdir(os.path.join(raw_root, other)):
             raise ValueError(f"dataset ID {spec.dataset_id} is already used by {os.path.join(raw_root, other)}")
 
-    tmp = tempfile.mkdtemp(prefix=f".{spec.folder_name}.tmp-", dir=raw_root)
-    try:
+    with atomic_directory(raw_root, spec.folder_name) as tmp:
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
             os.makedirs(os.path.join(tmp, sub))
         seeds = np.random.SeedSequence(spec.seed).generate_state(spec.num_cases + spec.num_test)
@@ -254,10 +253,4 @@ def generate_dataset(raw_root: str | os.PathLike | None = None, *, overwrite: bo
             os.rmdir(os.path.join(tmp, "labelsTs"))
         with open(os.path.join(tmp, "dataset.json"), "w") as f:
             json.dump(expected_json, f, indent=2)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

@@ -65,7 +65,8 @@ def write_split(dataset, folds: int = 4, seed: int = 12345, overwrite: bool = Fa
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from nnunet_plugins.modules.crossval import kfold_split, write_json_atomic
+    from nnunet_plugins.atomic import write_json
+    from nnunet_plugins.modules.crossval import kfold_split
 
     if not nnUNet_preprocessed:
         raise RuntimeError("nnUNet_preprocessed is not set")
@@ -80,7 +81,7 @@ def write_split(dataset, folds: int = 4, seed: int = 12345, overwrite: bool = Fa
         if existing != splits:
             raise FileExistsError(f"{path} exists with a different split; pass --overwrite to replace it")
         return path
-    write_json_atomic(splits, path)
+    write_json(splits, path, indent=4)
     return path
 
 

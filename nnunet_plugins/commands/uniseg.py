@@ -29,6 +29,8 @@ import os
 import numpy as np
 import torch
 
+from nnunet_plugins.atomic import torch_save, write_json
+
 PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 STEM = "encoder.stages.0.0.convs.0"
 
@@ -46,13 +48,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("-o", "--output", default=None,
                    help="backbone weights file (default: <preprocessed dataset>/uniseg_backbone_<target plans>.pth)")
     p.set_defaults(func=run)
-
-
-def _atomic_save_json(obj, path: str) -> None:
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def plain_unet_arch_kwargs(architecture: dict) -> dict:
@@ -178,12 +173,10 @@ def convert(model_folder: str, fold: str, checkpoint_name: str, dataset: str, co
     weights = {"network_weights": state, "converted_from": os.path.abspath(ckpt_file),
                "note": "UniSeg backbone (prompt and FUSE dropped) for nnUNetv2_train -pretrained_weights"}
     output = output or os.path.join(pre, f"uniseg_backbone_{target_plans}.pth")
-    tmp = output + f".tmp-{os.getpid()}"
-    torch.save(weights, tmp)
-    os.replace(tmp, output)
+    torch_save(weights, output)
     load_pretrained_weights(target, output)  # exactly what nnUNetv2_train -pretrained_weights will do
     out_plans = os.path.join(pre, target_plans + ".json")
-    _atomic_save_json(new_plans, out_plans)
+    write_json(new_plans, out_plans)
     return output, out_plans
 
 

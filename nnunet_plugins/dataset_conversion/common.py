@@ -3,7 +3,7 @@
 * errors that name the case and file (all subclasses of ``ValueError``, so ``nnunet-plugins`` reports them
   as one clean line);
 * header-only geometry reading and comparison for SimpleITK- and nibabel-read files;
-* atomic output (a temporary file in the destination folder, then ``os.replace``);
+* atomic output (``nnunet_plugins.atomic``: a temporary file in the destination folder, then ``os.replace``);
 * a process pool with a progress bar that collects every failing case instead of stopping at the first;
 * :func:`build_dataset`: writes ``nnUNet_raw/DatasetXXX_Name`` inside a hidden ``.DatasetXXX_Name.partial``
   folder, resumes an interrupted run there (finished cases are skipped), writes ``dataset.json`` last and
@@ -16,15 +16,14 @@ import importlib
 import json
 import os
 import shutil
-import uuid
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-TMP_PREFIX = ".tmp-"
+from nnunet_plugins.atomic import TMP_PREFIX, atomic_output, write_json  # noqa: F401  (re-exported)
+
 DEFAULT_GEOMETRY_TOLERANCE = 1e-4   # mm for spacing and origin, unitless for direction cosines
 
 
@@ -192,20 +191,6 @@ def check_label_values(case: str, path: str, arr: np.ndarray, allowed: Iterable[
 
 # ------------------------------------------------------------------------------------------------ writing
 
-@contextmanager
-def atomic_output(path: str):
-    """Yield a temporary path in ``path``'s folder (same file ending); move it to ``path`` on success."""
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def atomic_copy(src: str, dst: str) -> None:
     with atomic_output(dst) as tmp:
         shutil.copyfile(src, tmp)
@@ -221,12 +206,6 @@ def write_nifti(img, dst: str) -> None:
     import nibabel
     with atomic_output(dst) as tmp:
         nibabel.save(img, tmp)
-
-
-def write_json(obj, dst: str) -> None:
-    with atomic_output(dst) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
 
 
 def write_text(text: str, dst: str) -> None:

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections import defaultdict
 
 import torch
 
+from nnunet_plugins.atomic import torch_save
 from nnunet_plugins.trainers.banet import BANET_PLAIN
 
 _CONTEXT = re.compile(r"^conv_blocks_context\.(\d+)\.(?:(\d+)\.)?blocks\.(\d+)\.(conv|instnorm)\.(weight|bias)$")
@@ -248,15 +248,5 @@ def convert_official_checkpoint(path: str, output: str, allow_pickle: bool = Fal
     content = {"network_weights": weights, "architecture": expected_architecture or architecture,
                "input_channels": arch["input_channels"], "num_classes": arch["num_classes"],
                "source": os.path.abspath(path)}
-    folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(content, tmp)
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    torch_save(content, output)
     return content

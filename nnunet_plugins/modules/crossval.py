@@ -12,9 +12,6 @@ case identifiers (official ``nnUNetTrainerV2_4Fold.do_split``).
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -46,16 +43,3 @@ def kfold_split(identifiers: Sequence[str], n_splits: int = 5, seed: int = 12345
         # like sklearn's split(): both index lists in ascending order (it yields boolean-mask selections)
         splits.append({"train": [ids[i] for i in np.flatnonzero(~in_val)], "val": [ids[i] for i in np.flatnonzero(in_val)]})
     return splits
-
-
-def write_json_atomic(obj, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=4)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -29,13 +29,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from nnunet_plugins.atomic import atomic_directory, atomic_output
 from nnunet_plugins.multitask.intensity import IntensityStatistics, normalization_entries, normalize_channels
 from nnunet_plugins.multitask.metadata import (
     METADATA_KEY, TAG_PATTERN, MultiTaskSpec, TaskSpec, combined_case_name, sanitize_tag, source_label_values,
@@ -192,10 +191,8 @@ def write_image(array: np.ndarray, ref, path: str) -> None:
 
     img = sitk.GetImageFromArray(array)
     img.CopyInformation(ref)
-    folder, base = os.path.split(path)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{base}")
-    sitk.WriteImage(img, tmp, True)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        sitk.WriteImage(img, tmp, True)
 
 
 def _statistics_job(args) -> IntensityStatistics:
@@ -336,8 +333,7 @@ def combine_datasets(sources: list, dataset_id: int, name: str = "Universal", *,
     spec = build_task_specs(loaded, stats)
 
     # pass 2: convert into a temporary folder, then rename into place
-    tmp = tempfile.mkdtemp(prefix=f".{folder_name}.tmp-", dir=raw_root)
-    try:
+    with atomic_directory(raw_root, folder_name) as tmp:
         dirs = {k: os.path.join(tmp, k) for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
         for d in dirs.values():
             os.makedirs(d)
@@ -371,12 +367,6 @@ def combine_datasets(sources: list, dataset_id: int, name: str = "Universal", *,
         }
         with open(os.path.join(tmp, "dataset.json"), "w") as f:
             json.dump(dataset_json, f, indent=2)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if verbose:
         print(f"wrote {target}: {spec.num_tasks} tasks ({', '.join(tag_list)}), "
               f"{spec.num_combined_labels - 1} structures, {spec.num_input_channels} channels")

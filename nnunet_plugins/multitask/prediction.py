@@ -31,6 +31,7 @@ from nnunetv2.inference.export_prediction import convert_predicted_logits_to_seg
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.file_path_utilities import check_workers_alive_and_busy
 
+from nnunet_plugins.atomic import atomic_output
 from nnunet_plugins.multitask.metadata import METADATA_KEY, MultiTaskSpec
 from nnunet_plugins.multitask.partial_labels import select_channels
 
@@ -46,12 +47,6 @@ def spec_from_plans_or_dataset_json(plans: dict, dataset_json: dict) -> MultiTas
     return MultiTaskSpec.from_dataset_json(dataset_json)
 
 
-def _atomic_target(path: str) -> str:
-    folder, base = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, f".tmp-{os.getpid()}-{base}")
-
-
 def export_task_prediction(logits, properties: dict, configuration_manager, plans_manager, label_manager,
                            value_lut, output_file: str) -> str:
     """Task-local logits -> segmentation in the original geometry -> ``value_lut`` values -> file.
@@ -65,9 +60,8 @@ def export_task_prediction(logits, properties: dict, configuration_manager, plan
     out = value_lut[np.asarray(seg).astype(np.int64)]
     out = out.astype(np.uint8 if value_lut.max() < 256 else np.uint16)
     rw = plans_manager.image_reader_writer_class()
-    tmp = _atomic_target(output_file)
-    rw.write_seg(out, tmp, properties)
-    os.replace(tmp, output_file)
+    with atomic_output(output_file) as tmp:
+        rw.write_seg(out, tmp, properties)
     return output_file
 
 
@@ -236,9 +230,8 @@ def export_to_source(spec: MultiTaskSpec, prediction_file: str, output_folder: s
     out_img.CopyInformation(img)
     folder = os.path.join(output_folder, task.tag) if subfolder_per_task and task.tag else output_folder
     target = os.path.join(folder, spec.source_case(case) + task.source_file_ending)
-    tmp = _atomic_target(target)
-    sitk.WriteImage(out_img, tmp, True)
-    os.replace(tmp, target)
+    with atomic_output(target) as tmp:
+        sitk.WriteImage(out_img, tmp, True)
     return target
 
 
