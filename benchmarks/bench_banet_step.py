@@ -82,7 +82,7 @@ def build(name, args):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
     from nnunet_plugins.architectures.banet import BANetPlainConvUNet
-    from nnunet_plugins.modules.boundary import inner_boundary
+    from nnunet_plugins.training.boundary import inner_boundary
 
     kwargs, patch = plans_arguments(args.patch, args.spacing)
     torch.manual_seed(0)
@@ -125,7 +125,7 @@ def boundary_pipeline_share(patch, repeats=5):
     """Seconds of BoundaryTargetTransform and of nnU-Net's whole training pipeline, one sample."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_plugins.modules.boundary import BoundaryTargetTransform
+    from nnunet_plugins.training.boundary import BoundaryTargetTransform
 
     scales = [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]
     pipeline = nnUNetTrainer.get_training_transforms(patch, (-0.52, 0.52), scales, (0, 1, 2), False)

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from nnunet_plugins.modules.deformable_attention import (
+from nnunet_plugins.architectures.blocks.deformable_attention import (
     ms_deform_attn_3d,
     ms_deform_attn_reference,
     reference_points_3d,

@@ -60,7 +60,7 @@ def parse_args(argv=None):
 
 
 def build(name, args):
-    from nnunet_plugins.modules.partial_label_loss import PartialLabelDiceBCELoss
+    from nnunet_plugins.training.partial_label_loss import PartialLabelDiceBCELoss
 
     torch.manual_seed(0)
     patch = list(args.patch)

@@ -38,7 +38,7 @@ kernel of the encoder stage BELOW the skip (the one it upsamples from) and has n
 transposed convolutions and the 1x1 output convolutions (``seg_output_use_bias=False``). By default we
 build exactly that layout, so the network has the official parameter count for the same plans (also
 when ``BANetTrainer`` builds it from ordinary nnU-Net v2 plans) and the official checkpoints load by
-shape (see ``nnunet_plugins.modules.banet_checkpoint``): 48,366,848 parameters for 6 stages,
+shape (see ``nnunet_plugins.checkpoints.banet``): 48,366,848 parameters for 6 stages,
 32..320 features, 1 input channel, 5 classes, 3x3x3 kernels; 47,521,056 with 16 classes, a (1, 3, 3)
 first stage and in-plane-only first and last pooling (AMOS22-like plans). The plain nnU-Net U-Net has
 31,198,009 in the first setting.
@@ -66,6 +66,24 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
+
+BANET_PLAIN = "nnunet_plugins.architectures.banet.BANetPlainConvUNet"
+BANET_RESENC = "nnunet_plugins.architectures.banet.BANetResidualEncoderUNet"
+# nnU-Net's architectures and the BA-Net class that takes the same constructor arguments
+BANET_COUNTERPARTS = {"PlainConvUNet": BANET_PLAIN, "ResidualEncoderUNet": BANET_RESENC}
+
+
+def banet_network_class(plans_network_class: str) -> str:
+    """The BA-Net network class (dotted path) for the architecture named in the plans."""
+    if plans_network_class in BANET_COUNTERPARTS.values():
+        return plans_network_class
+    short = plans_network_class.rpartition(".")[2]
+    if short in BANET_COUNTERPARTS:
+        return BANET_COUNTERPARTS[short]
+    raise ValueError(f"BA-Net needs plans with a U-Net architecture ({', '.join(BANET_COUNTERPARTS)}, or a BA-Net "
+                     f"class), but the plans name {plans_network_class!r}; plan with nnUNetv2_plan_experiment "
+                     f"(default planner or nnUNetPlannerResEncM/L/XL)")
+
 
 BOUNDARY_CHANNELS = 2  # background / boundary, as the official boundary decoder
 

@@ -14,7 +14,7 @@ Input ``(B, C_in, D, H, W)``; ``D`` divisible by 8, ``H`` and ``W`` by 16 (:attr
   stride 2 -> levels 1, 2, 3 at ``(D/2, H/4, W/4)``, ``(D/4, H/8, W/8)``, ``(D/8, H/16, W/16)``.
   A residual unit is ONE ``3x3x3`` conv + norm, plus the input (through a ``1x1x1`` conv + norm
   projection where the shape changes), then the nonlinearity.
-* DeTrans: :class:`~nnunet_plugins.modules.deformable_attention.DeformableTransformerEncoder3D` over
+* DeTrans: :class:`~nnunet_plugins.architectures.blocks.deformable_attention.DeformableTransformerEncoder3D` over
   levels 2 and 3 (6 layers, d_model 384, 6 heads, FFN 1536, GELU, dropout 0.1, post-norm, 4 points per
   head and level, 3-D sine positional encoding + learnable level embedding). For a 48x192x192 patch
   the two levels are 12x24x24 and 6x12x12 = 7,776 tokens.
@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nnunet_plugins.modules.deformable_attention import DeformableTransformerEncoder3D, position_encoding_split
+from nnunet_plugins.architectures.blocks.deformable_attention import DeformableTransformerEncoder3D, position_encoding_split
 
 __all__ = ["CoTr", "WSConv3d", "convert_official_cotr_state_dict", "load_official_cotr_weights"]
 
@@ -208,7 +208,7 @@ class CoTr(nn.Module):
         blocks_per_stage: residual units per stage.
         num_heads, ffn_dim, num_encoder_layers, num_points, dropout: DeTrans settings.
         official_axis_order: reproduce the official deformable-attention axis order (see
-            :mod:`nnunet_plugins.modules.deformable_attention`).
+            :mod:`nnunet_plugins.architectures.blocks.deformable_attention`).
 
     Shapes: input ``(B, input_channels, D, H, W)`` with ``D % 8 == H % 16 == W % 16 == 0``; outputs
     ``(B, num_classes, D*s_d, H*s_h, W*s_w)`` for the scales in :attr:`deep_supervision_scales`.

@@ -18,7 +18,7 @@ Input ``(B, C_in, *spatial)`` (3-D by default; ``conv_op=nn.Conv2d`` builds the 
   ``1x1x1`` conv -> 162 dynamic parameters per sample.
 * Decoder: four steps of (trilinear x2 upsampling, ADD the encoder skip of that scale, one residual
   block narrowing the width): 256 -> 128 -> 64 -> 32 -> 32; then GN -> ReLU -> ``1x1x1`` conv 32 -> 8.
-* Dynamic head (:mod:`nnunet_plugins.modules.dynamic_head`): three ``1x1x1`` convs 8 -> 8 (ReLU),
+* Dynamic head (:mod:`nnunet_plugins.architectures.blocks.dynamic_head`): three ``1x1x1`` convs 8 -> 8 (ReLU),
   8 -> 8 (ReLU), 8 -> num_classes with the sample's generated kernels (weights 64 + 64 + 16, biases
   8 + 8 + 2 = 162 values), one grouped conv per layer (groups = batch).
 
@@ -34,7 +34,7 @@ Decisions
 * Upsampling interpolates to the skip's exact size (identical to the official ``scale_factor=2``
   for even sizes) and the stage strides are configurable (``strides``), so anisotropic nnU-Net
   pooling such as ``(1, 2, 2)`` works; the official network uses 2 on every axis.
-* Task ids follow :class:`~nnunet_plugins.modules.dynamic_head.TaskConditionedNetwork` (the package's
+* Task ids follow :class:`~nnunet_plugins.architectures.blocks.dynamic_head.TaskConditionedNetwork` (the package's
   multi-task convention). The official code builds the one-hot on the CPU and moves it with
   ``.cuda()``; here it is ``F.one_hot`` on the input's device.
 * Initialisation: PyTorch defaults, as the official code (no custom initialisation).
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nnunet_plugins.architectures.cotr import WSConv3d
-from nnunet_plugins.modules.dynamic_head import (
+from nnunet_plugins.architectures.blocks.dynamic_head import (
     TaskConditionedNetwork, apply_dynamic_head, dynamic_head_layer_sizes, num_dynamic_params,
 )
 

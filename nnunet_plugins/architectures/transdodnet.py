@@ -22,7 +22,7 @@ Input ``(B, C_in, D, H, W)`` with ``D % 16 == H % 32 == W % 32 == 0`` (:attr:`Tr
   post-norm decoder layers (query self-attention, deformable cross-attention to the memory, FFN).
 * Controller: the last decoder layer's query of task t -> Linear 192 -> 192, ReLU, Linear 192 -> 162
   = the parameters of task t's dynamic head (8 -> 8 -> 8 -> 2, see
-  :mod:`nnunet_plugins.modules.dynamic_head`).
+  :mod:`nnunet_plugins.architectures.blocks.dynamic_head`).
 * CNN decoder: bottleneck = IN-ReLU(``1x1`` conv 1280 -> 256 of backbone level 4) + IN-ReLU(``1x1``
   conv 192 -> 256 of the transformer's level-4 memory) (official ``add_memory=2``); then four steps of
   transposed conv (kernel = stride = 2, no bias) 256 -> 256 -> 128 -> 64 -> 32, ADD the skip of that
@@ -51,7 +51,7 @@ Decisions
   definition divides by the level's spatial shape, which is our default.
   ``official_offset_normalizer=True`` reproduces the official behaviour.
 * Axis order: geometrically correct by default; ``official_axis_order=True`` reproduces the official
-  ``(d, w, h)`` order (see :mod:`nnunet_plugins.modules.deformable_attention`). Both official flags are
+  ``(d, w, h)`` order (see :mod:`nnunet_plugins.architectures.blocks.deformable_attention`). Both official flags are
   needed to run official checkpoints.
 * DeepNorm (``deepnorm=True``, the official training default): residual branches of the encoder /
   decoder layers are added to ``alpha * x`` (alpha_enc = 0.81 (N^4 M)^(1/16), alpha_dec = (3M)^(1/4)
@@ -74,11 +74,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nnunet_plugins.modules.deformable_attention import (
+from nnunet_plugins.architectures.blocks.deformable_attention import (
     DeformableDecoderLayer3D, DeformableTransformerEncoder3D, MSDeformAttn3D, official_transdodnet_offset_normalizer,
     position_encoding_split, unflatten_levels,
 )
-from nnunet_plugins.modules.dynamic_head import (
+from nnunet_plugins.architectures.blocks.dynamic_head import (
     TaskConditionedNetwork, apply_dynamic_head, dynamic_head_layer_sizes, num_dynamic_params,
 )
 

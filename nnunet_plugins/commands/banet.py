@@ -66,7 +66,7 @@ def write_split(dataset, folds: int = 4, seed: int = 12345, overwrite: bool = Fa
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     from nnunet_plugins.atomic import write_json
-    from nnunet_plugins.modules.crossval import kfold_split
+    from nnunet_plugins.training.crossval import kfold_split
 
     if not nnUNet_preprocessed:
         raise RuntimeError("nnUNet_preprocessed is not set")
@@ -98,7 +98,7 @@ def run_split(args) -> int:
 
 
 def run_convert(args) -> int:
-    from nnunet_plugins.modules.banet_checkpoint import convert_official_checkpoint
+    from nnunet_plugins.checkpoints.banet import convert_official_checkpoint
 
     expected = None
     if args.plans:
@@ -114,7 +114,7 @@ def run_convert(args) -> int:
 
 def plans_configuration_architecture(plans_file: str, configuration: str) -> dict:
     """The BA-Net architecture (official v1 layout) that BANetTrainer would build for a plans configuration."""
-    from nnunet_plugins.trainers.banet import BANET_PLAIN, banet_network_class
+    from nnunet_plugins.architectures.banet import BANET_PLAIN, banet_network_class
 
     if not os.path.isfile(plans_file):
         raise FileNotFoundError(f"plans file not found: {plans_file}")

@@ -50,27 +50,12 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast
 
-from nnunet_plugins.modules.boundary import BoundaryTargetTransform, inner_boundary
+from nnunet_plugins.architectures.banet import banet_network_class
+from nnunet_plugins.training.boundary import BoundaryTargetTransform, inner_boundary
 from nnunet_plugins.trainers.base import PluginTrainer
 
-BANET_PLAIN = "nnunet_plugins.architectures.banet.BANetPlainConvUNet"
-BANET_RESENC = "nnunet_plugins.architectures.banet.BANetResidualEncoderUNet"
-# nnU-Net's architectures and the BA-Net class that takes the same constructor arguments
-BANET_COUNTERPARTS = {"PlainConvUNet": BANET_PLAIN, "ResidualEncoderUNet": BANET_RESENC}
 # value of the boundary target where the segmentation carries nnU-Net's ignore label
 BOUNDARY_IGNORE_VALUE = 2
-
-
-def banet_network_class(plans_network_class: str) -> str:
-    """The BA-Net network class (dotted path) for the architecture named in the plans."""
-    if plans_network_class in BANET_COUNTERPARTS.values():
-        return plans_network_class
-    short = plans_network_class.rpartition(".")[2]
-    if short in BANET_COUNTERPARTS:
-        return BANET_COUNTERPARTS[short]
-    raise ValueError(f"BA-Net needs plans with a U-Net architecture ({', '.join(BANET_COUNTERPARTS)}, or a BA-Net "
-                     f"class), but the plans name {plans_network_class!r}; plan with nnUNetv2_plan_experiment "
-                     f"(default planner or nnUNetPlannerResEncM/L/XL)")
 
 
 def insert_boundary_transform(pipeline: BasicTransform, ignore_label: int | None = None) -> ComposeTransforms:

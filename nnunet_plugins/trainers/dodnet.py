@@ -7,16 +7,16 @@ trainers change relative to ``MultiTaskTrainer`` (task-balanced loader, per-task
 and nothing else:
 
 * channels (:class:`BinaryChannelMultiTaskTrainer`): the binary channels of each task come from that
-  task's source ``labels`` (``nnunet_plugins.modules.binary_channels.binary_channels_from_labels``): a
+  task's source ``labels`` (``nnunet_plugins.training.binary_channels.binary_channels_from_labels``): a
   region-based source gives one channel per region (nested organ / tumour as nnU-Net regions, painted
   in ``regions_class_order``), a plain source one channel per label. Channel ``k`` of a task is network
   output ``k``; the network has as many outputs as the task with the most channels (official 2);
-* loss: :class:`~nnunet_plugins.modules.partial_label_loss.PartialLabelDiceBCELoss` (binary Dice + BCE
+* loss: :class:`~nnunet_plugins.training.partial_label_loss.PartialLabelDiceBCELoss` (binary Dice + BCE
   per channel, official ``DiceLoss4MOTS`` + ``CELoss4MOTS``) on each sample's own channels; outputs a
   sample's task does not annotate (a task with fewer channels than the network) are masked, never
   trained as background;
 * prediction: the task's channels become a segmentation through
-  :class:`~nnunet_plugins.modules.binary_channels.BinaryChannelLabelManager` (sigmoid, > 0.5, painted
+  :class:`~nnunet_plugins.training.binary_channels.BinaryChannelLabelManager` (sigmoid, > 0.5, painted
   in channel order) in the task's local classes (``task_label_manager``), so the final validation,
   ``nnunet-plugins predict-multitask`` and ``export-multitask`` write each source's labels;
 * deep supervision: none (the official networks have no auxiliary heads); the trainers keep the
@@ -66,10 +66,10 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_plugins.multitask.metadata import MultiTaskSpec
-from nnunet_plugins.modules.binary_channels import (
+from nnunet_plugins.training.binary_channels import (
     BinaryChannel, BinaryChannelLabelManager, binary_channels_from_labels,
 )
-from nnunet_plugins.modules.partial_label_loss import PartialLabelDiceBCELoss, TaskChannelTargets
+from nnunet_plugins.training.partial_label_loss import PartialLabelDiceBCELoss, TaskChannelTargets
 from nnunet_plugins.planners.common import fit_to_divisor
 from nnunet_plugins.trainers.multitask import MultiTaskTrainer
 

@@ -75,7 +75,7 @@ from nnunet_plugins.multitask.metadata import METADATA_KEY, MultiTaskSpec
 from nnunet_plugins.multitask.partial_labels import (
     TaskLabelMapper, group_by_task, select_channels, task_grouped_loss,
 )
-from nnunet_plugins.multitask.sampling import MultiTaskDataLoader
+from nnunet_plugins.training.sampling import MultiTaskDataLoader
 from nnunet_plugins.trainers.base import PluginTrainer, read_run_length_overrides
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from nnunet_plugins.architectures.dodnet import DoDNet
 from nnunet_plugins.architectures.transdodnet import TransDoDNet
-from nnunet_plugins.modules.binary_channels import BinaryChannel, BinaryChannelLabelManager
+from nnunet_plugins.training.binary_channels import BinaryChannel, BinaryChannelLabelManager
 from nnunet_plugins.multitask.metadata import MultiTaskSpec, TaskSpec
 from nnunet_plugins.multitask.prediction import MultiTaskPredictor, export_task_prediction, export_to_source
 from nnunet_plugins.trainers import DoDNetTrainer, TransDoDNetTrainer

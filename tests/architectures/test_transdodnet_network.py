@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nnunet_plugins.architectures.transdodnet import TransDoDNet
-from nnunet_plugins.modules.deformable_attention import MSDeformAttn3D
+from nnunet_plugins.architectures.blocks.deformable_attention import MSDeformAttn3D
 
 TINY = dict(stem_channels=8, backbone_planes=(4, 8, 8, 8), backbone_blocks=(1, 1, 2, 1), d_model=24, n_heads=2,
             d_ffn=32, num_encoder_layers=1, num_decoder_layers=2, decoder_channels=(8, 8, 8, 16, 16), head_channels=4)
@@ -152,7 +152,7 @@ def test_task_ids_and_input_errors():
 
 
 def test_autocast_bfloat16_trains():
-    from nnunet_plugins.modules.partial_label_loss import PartialLabelDiceBCELoss
+    from nnunet_plugins.training.partial_label_loss import PartialLabelDiceBCELoss
 
     torch.manual_seed(0)
     net = TransDoDNet(num_tasks=3, **TINY)

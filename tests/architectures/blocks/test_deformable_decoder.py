@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nnunet_plugins.modules.deformable_attention import (
+from nnunet_plugins.architectures.blocks.deformable_attention import (
     DeformableDecoderLayer3D, DeformableEncoderLayer3D, DeformableTransformerEncoder3D, flatten_levels,
     sine_position_encoding_3d,
 )

@@ -6,7 +6,7 @@ import pytest
 import torch
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-from nnunet_plugins.multitask.sampling import MultiTaskDataLoader, TaskBalancedSampler
+from nnunet_plugins.training.sampling import MultiTaskDataLoader, TaskBalancedSampler
 
 
 def test_every_task_gets_its_batches_in_each_round():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nnunet_plugins.modules.deformable_attention import (
+from nnunet_plugins.architectures.blocks.deformable_attention import (
     DeformableTransformerEncoder3D,
     MSDeformAttn3D,
     flatten_levels,

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_plugins.modules.binary_channels import (
+from nnunet_plugins.training.binary_channels import (
     BinaryChannel, BinaryChannelLabelManager, binary_channels_from_labels,
 )
 

@@ -7,7 +7,7 @@ from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import Dow
 from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTansform
 from scipy import ndimage
 
-from nnunet_plugins.modules.boundary import BoundaryTargetTransform, boundary_target, inner_boundary
+from nnunet_plugins.training.boundary import BoundaryTargetTransform, boundary_target, inner_boundary
 
 
 def bdr(labels):

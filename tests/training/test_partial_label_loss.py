@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_plugins.modules.partial_label_loss import PartialLabelDiceBCELoss, TaskChannelTargets
+from nnunet_plugins.training.partial_label_loss import PartialLabelDiceBCELoss, TaskChannelTargets
 
 
 def _numpy_reference(logits, target, annotated, smooth=1.0):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnunet_plugins.modules.dynamic_head import (
+from nnunet_plugins.architectures.blocks.dynamic_head import (
     TaskConditionedNetwork, apply_dynamic_head, dynamic_head_layer_sizes, num_dynamic_params, split_dynamic_params,
 )
 

@@ -8,8 +8,9 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunet_plugins.architectures.banet import BANetPlainConvUNet, BANetResidualEncoderUNet
-from nnunet_plugins.modules.boundary import inner_boundary
-from nnunet_plugins.trainers.banet import BANetTrainer, BANetTrainer_consistency, banet_network_class
+from nnunet_plugins.training.boundary import inner_boundary
+from nnunet_plugins.architectures.banet import banet_network_class
+from nnunet_plugins.trainers.banet import BANetTrainer, BANetTrainer_consistency
 
 KIPA_LABELS = {"background": 0, "vein": 1, "kidney": 2, "artery": 3, "tumour": 4}
 PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"

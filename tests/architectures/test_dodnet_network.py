@@ -132,7 +132,7 @@ def test_inference_task_and_errors():
 
 
 def test_autocast_bfloat16_trains():
-    from nnunet_plugins.modules.partial_label_loss import PartialLabelDiceBCELoss
+    from nnunet_plugins.training.partial_label_loss import PartialLabelDiceBCELoss
 
     torch.manual_seed(0)
     net = DoDNet(num_tasks=3, **TINY)

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_plugins.cli import main as cli_main
-from nnunet_plugins.modules.banet_checkpoint import (CheckpointMismatch, build_network, convert_state_dict,
+from nnunet_plugins.checkpoints.banet import (CheckpointMismatch, build_network, convert_state_dict,
                                                      infer_official_architecture, plans_architecture)
-from nnunet_plugins.modules.crossval import kfold_split
+from nnunet_plugins.training.crossval import kfold_split
 
 
 # ------------------------------------------------------------------------------------------------ split

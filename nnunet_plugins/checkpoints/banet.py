@@ -33,7 +33,7 @@ from collections import defaultdict
 import torch
 
 from nnunet_plugins.atomic import torch_save
-from nnunet_plugins.trainers.banet import BANET_PLAIN
+from nnunet_plugins.architectures.banet import BANET_PLAIN
 
 _CONTEXT = re.compile(r"^conv_blocks_context\.(\d+)\.(?:(\d+)\.)?blocks\.(\d+)\.(conv|instnorm)\.(weight|bias)$")
 _DECODER = re.compile(r"^(conv_blocks_localization|conv_blocks_boundary)\.(\d+)\.(\d+)\.blocks\.(\d+)\.(conv|instnorm)\."

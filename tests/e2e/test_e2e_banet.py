@@ -19,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_plugins.modules.crossval import kfold_split
+from nnunet_plugins.training.crossval import kfold_split
 from nnunet_plugins.runner import console_command, run_step
 from nnunet_plugins.synthetic import generate_dataset
 
