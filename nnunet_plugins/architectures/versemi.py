@@ -218,13 +218,7 @@ class VerSemiUNet(_TaskHeadMixin, TaskConditionedNetwork):
                  deep_supervision: bool = False, nonlin_first: bool = False, *, num_tasks: int,
                  head_channels: int = 8, head_layers: int = 3, official_second_output: bool = False):
         super().__init__()
-        if isinstance(n_conv_per_stage, int):
-            n_conv_per_stage = [n_conv_per_stage] * n_stages
-        if isinstance(n_conv_per_stage_decoder, int):
-            n_conv_per_stage_decoder = [n_conv_per_stage_decoder] * (n_stages - 1)
-        if len(n_conv_per_stage) != n_stages or len(n_conv_per_stage_decoder) != n_stages - 1:
-            raise ValueError(f"VerSemiUNet: n_conv_per_stage needs {n_stages} entries and n_conv_per_stage_decoder "
-                             f"{n_stages - 1}, got {list(n_conv_per_stage)} and {list(n_conv_per_stage_decoder)}")
+        # PlainConvEncoder / UNetDecoder expand and check n_conv_per_stage(_decoder) themselves
         self.input_channels = int(input_channels)
         self.encoder = PlainConvEncoder(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
                                         n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
