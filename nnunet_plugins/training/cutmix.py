@@ -13,6 +13,8 @@ box the mix shows image B, OUTSIDE image A. ``inside`` masks are bool ``(B, *spa
 
 * :func:`draw_cubes` -> :class:`Cubes` (start, side per sample and axis); :func:`cube_mask` rasterises
   them (a box reaching past the border is clipped, as numpy slicing in the official code clips it).
+* :func:`mask_at_scale` gives the mask at a deep-supervision scale, sampled as nnU-Net samples its
+  downsampled targets, so mixing nnU-Net's per-scale targets equals downsampling the mixed target.
 * :func:`cutmix` mixes images or label maps; :func:`union_target` is the synthetic task's target
   (A's foreground outside, B's inside); :func:`source_targets` are the per-source targets of the
   stage-1 term 0.5 [Dice(p_taskA(mix), y_A outside) + Dice(p_taskB(mix), y_B inside)].
@@ -38,7 +40,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Cubes", "draw_cubes", "cube_mask", "cutmix", "union_target", "source_targets",
+__all__ = ["Cubes", "draw_cubes", "cube_mask", "mask_at_scale", "cutmix", "union_target", "source_targets",
            "consistency_target", "soft_dice_loss"]
 
 
@@ -116,6 +118,20 @@ def cube_mask(spatial_shape: Sequence[int], start: Tensor, side: Tensor) -> Tens
         axis_inside = (coord >= lo) & (coord < hi)
         inside = axis_inside if inside is None else inside & axis_inside
     return inside
+
+
+def mask_at_scale(inside: Tensor, spatial_shape: Sequence[int]) -> Tensor:
+    """``inside`` ``(B, *spatial)`` resampled to ``spatial_shape`` with ``nearest-exact`` interpolation.
+
+    nnU-Net (batchgeneratorsv2 ``DownsampleSegForDSTransform``) builds the deep-supervision targets with
+    the same interpolation; nearest sampling picks one source voxel per target voxel, so
+    ``cutmix(down(a), down(b), mask_at_scale(inside))`` equals ``down(cutmix(a, b, inside))`` exactly.
+    """
+    if tuple(inside.shape[1:]) == tuple(int(s) for s in spatial_shape):
+        return inside
+    resized = torch.nn.functional.interpolate(inside[:, None].float(), size=[int(s) for s in spatial_shape],
+                                              mode="nearest-exact")
+    return resized[:, 0] > 0.5
 
 
 def _broadcast(inside: Tensor, like: Tensor) -> Tensor:

@@ -159,3 +159,24 @@ def test_consistency_target_and_dice_against_numpy():
 def test_cubes_dataclass_and_device():
     c = Cubes(torch.tensor([[1, 1]]), torch.tensor([[2, 2]]))
     assert c.mask((4, 4))[0].nonzero().tolist() == [[1, 1], [1, 2], [2, 1], [2, 2]]
+
+
+def test_mask_at_scale_mixes_nnunet_deep_supervision_targets_like_the_mixed_target():
+    from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+    from nnunet_plugins.training.cutmix import mask_at_scale
+    g = torch.Generator().manual_seed(6)
+    shape = (10, 12, 9)
+    seg_a = torch.randint(0, 3, (2, 1, *shape), generator=g).to(torch.uint8)
+    seg_b = torch.randint(0, 3, (2, 1, *shape), generator=g).to(torch.uint8)
+    inside = draw_cubes(2, shape, (0.3, 0.6), generator=g, per_sample_ratio=True).mask(shape)
+    ds = DownsampleSegForDSTransform([(1, 1, 1), (0.5, 0.5, 0.5), (0.25, 0.5, 0.5)])
+
+    def down(seg):  # nnU-Net's transform works on one sample (C, *spatial)
+        per_sample = [ds(segmentation=s)["segmentation"] for s in seg]
+        return [torch.stack([p[k] for p in per_sample]) for k in range(3)]
+
+    mixed_then_down = down(cutmix(seg_a, seg_b, inside))
+    for k, (da, db) in enumerate(zip(down(seg_a), down(seg_b))):
+        m = mask_at_scale(inside, da.shape[2:])
+        assert torch.equal(cutmix(da, db, m), mixed_then_down[k]), k
+    assert mask_at_scale(inside, shape) is inside
