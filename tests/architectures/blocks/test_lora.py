@@ -78,9 +78,13 @@ def test_adapted_equals_base_at_start_only_lora_trains_and_merge_is_exact(make, 
     unused = [model.decoder.seg_layers[0]] if make is _unet else []  # low-res seg layer: no deep supervision
     assert all((w.lora_B.weight.abs().sum() > 0) == (w not in unused) for w in wrappers)
     model.eval()
+    # an adapted checkpoint (e.g. nnU-Net's --c) loads into a freshly adapted model of the same kind
+    resumed = add_lora(make(), rank=2, alpha=4.0, targets=targets).eval()
+    resumed.load_state_dict(model.state_dict())
     with torch.no_grad():
         y_adapted = model(x)
         assert not torch.allclose(y_adapted, y0, atol=1e-3)
+        torch.testing.assert_close(resumed(x), y_adapted)
         merge_lora(model)
         y_merged = model(x)
     torch.testing.assert_close(y_merged, y_adapted, rtol=0, atol=1e-5)
