@@ -119,3 +119,48 @@ def test_task_id_convention():
         net(x, "liver")
     with pytest.raises(ValueError):
         net(x, True)
+
+
+def test_parallel_outputs_official_versemi_layout_180_values():
+    # VerSemi official head: 8 -> 8 -> 8 -> (2, 2): weights 64 + 64 + 16 + 16, then biases 8 + 8 + 2 + 2
+    sizes = dynamic_head_layer_sizes(8, 8, 3, 2, parallel_outputs=2)
+    assert sizes == [(8, 8), (8, 8), (8, 2), (8, 2)] and num_dynamic_params(sizes) == 180
+    torch.manual_seed(3)
+    feats = torch.randn(3, 8, 3, 4, 5, dtype=torch.float64)
+    params = torch.randn(3, 180, dtype=torch.float64)
+    out = apply_dynamic_head(feats, params, sizes, parallel_outputs=2)
+    assert out.shape == (3, 4, 3, 4, 5)
+    # independent reference: explicit offsets into the official layout, each sample alone
+    for b in range(3):
+        p = params[b]
+        x = feats[b:b + 1]
+        x = torch.relu(F.conv3d(x, p[0:64].view(8, 8, 1, 1, 1), p[160:168]))
+        x = torch.relu(F.conv3d(x, p[64:128].view(8, 8, 1, 1, 1), p[168:176]))
+        first = F.conv3d(x, p[128:144].view(2, 8, 1, 1, 1), p[176:178])
+        second = F.conv3d(x, p[144:160].view(2, 8, 1, 1, 1), p[178:180])
+        torch.testing.assert_close(out[b:b + 1, :2], first)
+        torch.testing.assert_close(out[b:b + 1, 2:], second)
+    # parallel_outputs=1 on the same sizes treats the 4 entries as 4 sequential layers: 8->8->8->2->8?
+    # not a valid chain: the last layer reads 8 channels but gets 2, which conv rejects
+    with pytest.raises(RuntimeError):
+        apply_dynamic_head(feats, params, sizes)
+    with pytest.raises(ValueError, match="parallel"):
+        apply_dynamic_head(feats, torch.zeros(3, 162, dtype=torch.float64), dynamic_head_layer_sizes(), 4)
+    with pytest.raises(ValueError, match="output"):
+        dynamic_head_layer_sizes(parallel_outputs=0)
+
+
+def test_task_controller_pools_concatenates_one_hot_and_projects():
+    from nnunet_plugins.architectures.blocks.dynamic_head import TaskController
+    torch.manual_seed(4)
+    ctrl = TaskController(6, 3, 10, torch.nn.Conv3d, pre=torch.nn.ReLU()).double()
+    assert ctrl.conv.weight.shape == (10, 9, 1, 1, 1)
+    bott = torch.randn(2, 6, 2, 3, 4, dtype=torch.float64)
+    tid = torch.tensor([2, 0])
+    out = ctrl(bott, tid)
+    pooled = torch.relu(bott).mean(dim=(2, 3, 4))
+    onehot = torch.tensor([[0, 0, 1], [1, 0, 0]], dtype=torch.float64)
+    ref = torch.cat([pooled, onehot], 1) @ ctrl.conv.weight.view(10, 9).T + ctrl.conv.bias
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="positive"):
+        TaskController(6, 0, 10)
