@@ -243,6 +243,8 @@ def _distances_in_box(points: np.ndarray, surface: np.ndarray, spacing: Sequence
     """Exact distance (mm) from each point (flat index into ``surface.shape``) to the nearest True point of
     ``surface`` that lies in the box around the points widened by ``radius`` grid steps per axis (so exact
     wherever the nearest point is that close), by scipy's Euclidean distance transform on that box."""
+    if points.size == 0 or not surface.any():
+        return np.full(points.size, np.inf)
     coords = np.unravel_index(points, surface.shape)
     lo = [max(int(c.min()) - r, 0) for c, r in zip(coords, radius)]
     box = tuple(slice(l, min(int(c.max()) + r + 1, e)) for c, r, l, e in zip(coords, radius, lo, surface.shape))

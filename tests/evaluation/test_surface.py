@@ -1,5 +1,6 @@
 """Surface metrics against hand-computed surfaces and brute-force point-to-point distances."""
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -136,3 +137,123 @@ def test_neighbour_codes_bit_layout():
     for q in itertools.product((0, 1), repeat=3):
         corner = tuple(1 - x for x in q)
         assert codes[q] == 1 << (7 - (4 * corner[0] + 2 * corner[1] + corner[2]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Surface Dice by the tolerance search: identical to the full distance maps and to DeepMind's surface-distance
+# ------------------------------------------------------------------------------------------------------------
+
+TOLERANCES = (0.0, 0.5, 1.0, 2.0, 3.7, 50.0, np.inf)
+
+
+def _pairs():
+    """(gt, pred, spacing) cases: random blobs, a perturbed copy, masks touching the volume border, disjoint
+    masks far apart, anisotropic random spacings and one of exact binary fractions (where many offsets have
+    exactly the length of a tolerance: 2 mm is one step along axis 0, two along axis 1, four along axis 2)."""
+    from scipy import ndimage
+    rng = np.random.default_rng(12)
+    cases = []
+    for i in range(4):
+        shape = (9 + i, 12, 14 - i)
+        gt = ndimage.binary_dilation(rng.random(shape) > 0.96, iterations=2)
+        pred = gt ^ (ndimage.binary_dilation(rng.random(shape) > 0.97) & (rng.random(shape) > 0.4))
+        if i % 2:
+            gt[0, :4, :] = True   # touches three faces of the volume
+            pred[-2:, -3:, -1] = True
+        spacing = (2.0, 1.0, 0.5) if i == 3 else tuple(rng.uniform(0.3, 3.0, 3))
+        cases.append((gt, pred, spacing))
+    far = np.zeros((6, 20, 8), bool)
+    far_pred = far.copy()
+    far[1:4, 1:4, 2:5] = True
+    far_pred[2:5, 14:19, 3:6] = True
+    cases.append((far, far_pred, (1.5, 0.8, 1.1)))
+    return cases
+
+
+def _full_map_surface_dice(sd, tol):
+    """Surface Dice from the exact distance arrays (the distance maps of the whole bounding box)."""
+    a_gt, a_pred = sd.surfel_areas_gt, sd.surfel_areas_pred
+    overlap = a_gt[sd.distances_gt_to_pred <= tol].sum() + a_pred[sd.distances_pred_to_gt <= tol].sum()
+    return float(overlap / (a_gt.sum() + a_pred.sum()))
+
+
+def _deepmind_surface_dice(gt, pred, spacing, tol, monkeypatch):
+    dm = pytest.importorskip("surface_distance", reason="DeepMind's surface-distance (setup.py's test extra)")
+    monkeypatch.setattr(np, "Inf", np.inf, raising=False)   # its empty-mask branch still uses np.Inf (NumPy < 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # it imports from scipy.ndimage.filters / .morphology
+        return dm.compute_surface_dice_at_tolerance(dm.compute_surface_distances(gt, pred, list(spacing)), tol)
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_tolerance_search_equals_full_distance_maps_and_deepmind(case, monkeypatch):
+    gt, pred, spacing = _pairs()[case]
+    for tol in TOLERANCES:
+        fast = S.surface_dice_from_distances(S.compute_surface_distances(gt, pred, spacing), tol)
+        full = _full_map_surface_dice(S.compute_surface_distances(gt, pred, spacing), tol)
+        assert fast == full, (tol, fast, full)   # the same points within, summed in the same order
+        assert fast == pytest.approx(_deepmind_surface_dice(gt, pred, spacing, tol, monkeypatch), abs=1e-9)
+        assert S.surface_dice(gt.astype(np.uint8), pred.astype(np.int16), spacing, tol) == fast
+    assert S.surface_dice(gt, pred, spacing, list(TOLERANCES[::-1])) == [
+        S.surface_dice(gt, pred, spacing, t) for t in TOLERANCES[::-1]]
+    if case == 4:   # far apart: nothing within 3.7 mm, everything within 50 mm
+        assert S.surface_dice(gt, pred, spacing, [3.7, 50.0]) == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("path", ["probes", "probes then transform", "transform"])
+def test_every_search_path_gives_the_exact_distances_within_the_limit(path, monkeypatch):
+    """The offset probes, the switch to a distance transform part way, and the transform alone: each gives,
+    for every surface point, the exact distance where it is <= the limit and inf where it is farther."""
+    if path == "probes":
+        monkeypatch.setattr(S, "_EDT_NS_PER_POINT", np.inf)
+    elif path == "probes then transform":
+        monkeypatch.setattr(S, "_EDT_NS_PER_POINT", 1e-3)   # switch after the first probe
+    else:
+        monkeypatch.setattr(S, "_MAX_OFFSETS", 0)
+    for gt, pred, spacing in _pairs():
+        sd = S.compute_surface_distances(gt, pred, spacing)
+        pair = sd._pair
+        for side in (0, 1):
+            exact = pair.distances(side)
+            for limit in TOLERANCES:
+                near = S._distances_within(pair.points[side], pair.surfaces[1 - side], spacing, limit)
+                np.testing.assert_array_equal(near, np.where(exact <= limit, exact, np.inf))
+
+
+def test_empty_masks_match_deepmind(monkeypatch):
+    a = np.zeros((5, 6, 7), bool)
+    b = a.copy()
+    b[0:2, 2:4, 3:7] = True   # touches two faces
+    for gt, pred in ((a, b), (b, a)):
+        for tol in (0.0, 1.0, np.inf):
+            assert S.surface_dice(gt, pred, (1.2, 0.7, 2.0), tol) == \
+                _deepmind_surface_dice(gt, pred, (1.2, 0.7, 2.0), tol, monkeypatch)
+    sd = S.compute_surface_distances(a, b, (1.2, 0.7, 2.0))
+    assert sd.distances_gt_to_pred.size == 0 and np.all(np.isinf(sd.distances_pred_to_gt))
+
+
+def test_surfel_areas_and_codes_equal_deepmind():
+    dm = pytest.importorskip("surface_distance", reason="DeepMind's surface-distance (setup.py's test extra)")
+    from scipy import ndimage
+    for spacing in ((1.0, 1.0, 1.0), (2.5, 0.7, 0.9), (0.4, 3.0, 1.3)):
+        np.testing.assert_allclose(S.surfel_area_table(spacing),
+                                   dm.lookup_tables.create_table_neighbour_code_to_surface_area(spacing),
+                                   rtol=1e-12, atol=0)
+    mask = np.random.default_rng(5).random((6, 7, 8)) > 0.5
+    padded = np.pad(mask, ((0, 1),) * 3).astype(np.uint8)
+    expected = ndimage.correlate(padded, dm.lookup_tables.ENCODE_NEIGHBOURHOOD_3D_KERNEL, mode="constant", cval=0)
+    np.testing.assert_array_equal(S.neighbour_codes(mask), expected)
+
+
+def test_bounding_box_of_several_masks():
+    rng = np.random.default_rng(8)
+    for _ in range(5):
+        masks = [rng.random((7, 9, 11)) > 0.995 for _ in range(2)]
+        union = masks[0] | masks[1]
+        if not union.any():
+            assert S._bounding_box(*masks) is None
+            continue
+        idx = np.argwhere(union)
+        expected = tuple(slice(lo, hi + 1) for lo, hi in zip(idx.min(0), idx.max(0)))
+        assert S._bounding_box(*masks) == expected
+    assert S._bounding_box(np.zeros((3, 4, 5), bool), np.zeros((3, 4, 5), bool)) is None
