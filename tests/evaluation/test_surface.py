@@ -225,7 +225,7 @@ def test_empty_masks_match_deepmind(monkeypatch):
     b = a.copy()
     b[0:2, 2:4, 3:7] = True   # touches two faces
     for gt, pred in ((a, b), (b, a)):
-        for tol in (0.0, 1.0, np.inf):
+        for tol in (0.0, 1.0, 100.0, np.inf):   # 100 mm: past the grid diameter
             assert S.surface_dice(gt, pred, (1.2, 0.7, 2.0), tol) == \
                 _deepmind_surface_dice(gt, pred, (1.2, 0.7, 2.0), tol, monkeypatch)
     sd = S.compute_surface_distances(a, b, (1.2, 0.7, 2.0))
@@ -257,3 +257,20 @@ def test_bounding_box_of_several_masks():
         expected = tuple(slice(lo, hi + 1) for lo, hi in zip(idx.min(0), idx.max(0)))
         assert S._bounding_box(*masks) == expected
     assert S._bounding_box(np.zeros((3, 4, 5), bool), np.zeros((3, 4, 5), bool)) is None
+
+
+def test_tolerances_around_the_largest_distance_of_the_grid():
+    """One voxel in opposite corners of the volume: the surface Dice steps from below 1 to 1 exactly at the
+    largest surface distance, as the full distance maps give it (tolerances up to and past the grid diameter)."""
+    gt = np.zeros((4, 5, 6), bool)
+    pred = gt.copy()
+    gt[0, 0, 0] = pred[-1, -1, -1] = True
+    spacing = (1.3, 0.7, 2.1)
+    sd = S.compute_surface_distances(gt, pred, spacing)
+    largest = max(sd.distances_gt_to_pred.max(), sd.distances_pred_to_gt.max())
+    diameter = np.sqrt((4 * 1.3) ** 2 + (5 * 0.7) ** 2 + (6 * 2.1) ** 2)
+    for tol in (np.nextafter(largest, 0), largest, np.nextafter(diameter, 0), diameter, 2 * diameter):
+        expected = _full_map_surface_dice(sd, tol)
+        assert S.surface_dice(gt, pred, spacing, tol) == expected
+    assert S.surface_dice(gt, pred, spacing, largest) == 1.0
+    assert S.surface_dice(gt, pred, spacing, np.nextafter(largest, 0)) < 1.0
