@@ -31,20 +31,20 @@ Everything is vectorised. Only the bounding box of the two masks is copied (foun
 full volume); neighbourhood codes come from three paired shifts of it, and the surfaces are computed once for both
 directions. Surface Dice needs only whether each surface point lies within the tolerance of the other surface,
 so it reads no distance map: the grid offsets no longer than the tolerance are probed nearest first, each probe one
-gather over the surface points not matched yet (:func:`_distances_within`), and an exact distance transform of
-the box around the points still unmatched takes over when that is cheaper (large tolerances, distant surfaces).
-Offset lengths are rounded as ``scipy.ndimage.distance_transform_edt`` rounds a distance, so every ``distance <=
-tolerance`` decision, hence every surface Dice, is the one of the full distance maps (and of DeepMind's code, whose
-surfel areas equal ours to rounding); the one exception would need two equally near points of the other surface
-whose rounded distances differ in the last bit and straddle the tolerance (the transform keeps either one, the
-search the shorter). The exact distance arrays (for HD95 or mean distances) are computed when
-first read, by the distance transform of the bounding box (exact: every point of the other surface lies in it).
-``benchmarks/bench_surface_distance.py`` compares the speed with DeepMind's ``surface-distance`` and with the
-previous implementation (full distance maps).
+gather over the surface points not matched yet (:func:`_probe`), and the exact distance transform takes over when
+that is cheaper (many offsets: large tolerances and surfaces far apart). Offset lengths are rounded as
+``scipy.ndimage.distance_transform_edt`` rounds a distance, so every ``distance <= tolerance`` decision, hence
+every surface Dice, is the one of the full distance maps (and of DeepMind's code, whose surfel areas equal ours to
+rounding); where two offsets of equal true length round to lengths on either side of the tolerance (the
+transform may keep either nearest point), the distance transform decides. The exact distance arrays (for HD95 or
+mean distances) are computed when first read, by the distance transform of the bounding box (exact: every point
+of the other surface lies in it). ``benchmarks/bench_surface_distance.py`` compares the speed with DeepMind's
+``surface-distance`` and with the previous implementation (full distance maps).
 """
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
@@ -237,6 +237,9 @@ _EDT_NS_PER_POINT = 150.0       # scipy's exact Euclidean distance transform, pe
 _PROBE_NS_PER_POINT = 4.0       # one offset probe (gather, test, compress), per point still unmatched
 _PROBE_NS_PER_OFFSET = 4000.0   # the fixed cost of one offset probe
 _MAX_OFFSETS = 250_000          # more candidate offsets than this: the distance transform is always cheaper
+# Offset lengths within this relative band of a tolerance count as possibly tied with it: far wider than any
+# rounding difference between two offsets of equal true length, and than the distance transform's own rounding.
+_TIE_BAND = 1e-12
 
 
 def _offset_lengths(offsets: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
@@ -249,46 +252,38 @@ def _offset_lengths(offsets: np.ndarray, spacing: Sequence[float]) -> np.ndarray
     return np.sqrt(np.add.reduce(squares, axis=0))
 
 
-def _distances_in_box(points: np.ndarray, surface: np.ndarray, spacing: Sequence[float], radius) -> np.ndarray:
+def _distance_map_at(points: np.ndarray, surface: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """Exact distance (mm) from each point (flat index into ``surface.shape``) to the nearest True point of
-    ``surface`` that lies in the box around the points widened by ``radius`` grid steps per axis (so exact
-    wherever the nearest point is that close), by scipy's Euclidean distance transform on that box."""
+    ``surface``: scipy's Euclidean distance transform of the whole grid (inf if ``surface`` is empty)."""
     if points.size == 0 or not surface.any():
         return np.full(points.size, np.inf)
-    coords = np.unravel_index(points, surface.shape)
-    lo = [max(int(c.min()) - r, 0) for c, r in zip(coords, radius)]
-    box = tuple(slice(l, min(int(c.max()) + r + 1, e)) for c, r, l, e in zip(coords, radius, lo, surface.shape))
-    inside = surface[box]
-    if not inside.any():
-        return np.full(points.size, np.inf)
-    distance_map = ndimage.distance_transform_edt(~inside, sampling=[float(s) for s in spacing])
-    return distance_map[tuple(c - l for c, l in zip(coords, lo))]
+    return ndimage.distance_transform_edt(~surface, sampling=[float(s) for s in spacing]).ravel()[points]
 
 
-def _distances_within(points: np.ndarray, surface: np.ndarray, spacing: Sequence[float], limit: float) \
-        -> np.ndarray:
-    """Distance (mm) from each point (flat index into ``surface.shape``) to the nearest True point of
-    ``surface`` where it is <= ``limit``, ``inf`` where it is farther (or ``surface`` is empty).
+@dataclass
+class _Probed:
+    limit: float
+    distances: np.ndarray   # length of the shortest probed offset landing on the surface; inf if none
+    lengths: np.ndarray     # the lengths of all probed offsets, sorted
 
-    Surface Dice needs no more than this, and it is found without a distance map: the grid offsets no
-    longer than ``limit`` are probed in order of length, each probe one vectorised gather over the points
-    not matched yet, and a point takes the length of the first offset that lands on ``surface``. When the
-    probes spent pass the cost of a distance transform while the probes left could cost more, the points
-    still unmatched get their distances from an exact distance transform of the box around them widened by
-    ``limit`` (every point within ``limit`` of them lies in it); so the work stays within about twice the
-    cheaper of the two ways.
+
+def _probe(points: np.ndarray, surface: np.ndarray, spacing: Sequence[float], limit: float) -> _Probed | None:
+    """The distance (mm) from each point (flat index into ``surface.shape``) to the nearest True point of
+    ``surface`` where it is <= ``limit`` (>= 0), ``inf`` where it is farther; found without a distance map.
+
+    The grid offsets no longer than ``limit`` are probed in order of length, each probe one vectorised gather
+    over the points not matched yet, and a point takes the length of the first offset that lands on
+    ``surface``. Returns None, to leave the work to the distance transform of the grid, when that is cheaper:
+    at once for very many offsets, else as soon as the probes spent pass its cost while the probes left could
+    cost more (so the work stays within about twice the cheaper of the two ways).
     """
-    distances = np.full(points.size, np.inf)
-    if points.size == 0 or not limit >= 0 or not surface.any():
-        return distances
     shape = surface.shape
     # one step beyond floor(limit / s) guards against rounding; no offset longer than the grid joins two of
     # its points
     radius = [e - 1 if limit >= s * (e - 1) else min(int(limit // s) + 1, e - 1) for s, e in zip(spacing, shape)]
     transform_cost = _EDT_NS_PER_POINT * surface.size
     if np.prod([2 * r + 1 for r in radius], dtype=np.float64) > _MAX_OFFSETS:
-        found = _distances_in_box(points, surface, spacing, radius)
-        return np.where(found <= limit, found, np.inf)
+        return None
     grid = np.stack(np.meshgrid(*(np.arange(-r, r + 1) for r in radius), indexing="ij")).reshape(3, -1)
     lengths = _offset_lengths(grid, spacing)
     keep = np.flatnonzero(lengths <= limit)
@@ -301,14 +296,13 @@ def _distances_within(points: np.ndarray, surface: np.ndarray, spacing: Sequence
     padded = np.pad(surface, [(r, r) for r in radius]).ravel()
     position = sum((c.astype(np.int64) + r) * s
                    for c, r, s in zip(np.unravel_index(points, shape), radius, strides))
+    distances = np.full(points.size, np.inf)
     todo = np.arange(points.size)
     spent = 0.0
     for i, offset in enumerate(flat_offsets):
         probe_cost = _PROBE_NS_PER_OFFSET + _PROBE_NS_PER_POINT * todo.size
         if spent > transform_cost and probe_cost * (flat_offsets.size - i) > transform_cost:
-            found = _distances_in_box(points[todo], surface, spacing, radius)
-            distances[todo] = np.where(found <= limit, found, np.inf)
-            break
+            return None
         spent += probe_cost
         hit = padded[position + offset]
         if hit.any():
@@ -317,7 +311,7 @@ def _distances_within(points: np.ndarray, surface: np.ndarray, spacing: Sequence
             todo, position = todo[miss], position[miss]
             if todo.size == 0:
                 break
-    return distances
+    return _Probed(limit, distances, lengths)
 
 
 class _SurfacePair:
@@ -330,30 +324,41 @@ class _SurfacePair:
         self.surfaces = (_surface_points(codes_gt), _surface_points(codes_pred))
         self.points = tuple(np.flatnonzero(s) for s in self.surfaces)
         self.areas = tuple(areas[c.ravel()[p]] for c, p in zip((codes_gt, codes_pred), self.points))
-        self._within = [(-np.inf, None), (-np.inf, None)]   # per side: (limit, _distances_within result)
         # the longest offset of the grid, rounded as a distance map rounds: rounding is monotonic, so no
         # distance on the grid comes out longer
         self.diameter = float(_offset_lengths(np.array(codes_gt.shape)[:, None] - 1, self.spacing)[0])
+        self._exact = [None, None]
+        self._probed = [None, None]
 
     def distances(self, side: int) -> np.ndarray:
-        """Exact distances from the surface points of one side (0: gt, 1: pred) to the other surface: the
-        distance transform of the whole grid."""
-        other = self.surfaces[1 - side]
-        return _distances_in_box(self.points[side], other, self.spacing, [e - 1 for e in other.shape])
+        """Exact distances from the surface points of one side (0: gt, 1: pred) to the other surface."""
+        if self._exact[side] is None:
+            self._exact[side] = _distance_map_at(self.points[side], self.surfaces[1 - side], self.spacing)
+        return self._exact[side]
 
     def within(self, side: int, tolerance: float) -> np.ndarray:
-        """Surface points of one side within ``tolerance`` of the other surface (``distances <= tolerance``)."""
-        if self.points[1 - side].size and tolerance >= self.diameter:
-            return np.ones(self.points[side].size, dtype=bool)
-        return self.distances_within(side, tolerance) <= tolerance
-
-    def distances_within(self, side: int, limit: float) -> np.ndarray:
-        """As :func:`_distances_within`; a result for a larger limit serves every smaller one."""
-        cached_limit, distances = self._within[side]
-        if distances is None or limit > cached_limit:
-            distances = _distances_within(self.points[side], self.surfaces[1 - side], self.spacing, limit)
-            self._within[side] = (limit, distances)
-        return distances
+        """Surface points of one side within ``tolerance`` of the other surface: ``distances(side) <=
+        tolerance``, decided without the distances where possible."""
+        n = self.points[side].size
+        if self._exact[side] is not None or not self.points[1 - side].size:
+            return self.distances(side) <= tolerance
+        if tolerance >= self.diameter:
+            return np.ones(n, dtype=bool)
+        if not tolerance >= 0:   # negative or nan: no distance passes
+            return np.zeros(n, dtype=bool)
+        limit = tolerance * (1 + _TIE_BAND)   # the offsets just past the tolerance too, for the tie test below
+        probed = self._probed[side]
+        if probed is None or probed.limit < limit:   # a search for a larger limit serves every smaller one
+            probed = self._probed[side] = _probe(self.points[side], self.surfaces[1 - side], self.spacing, limit)
+            if probed is None:
+                return self.distances(side) <= tolerance
+        # Two offsets of equal true length can round to lengths on either side of the tolerance, and the
+        # distance transform may keep either one: then only the transform gives its decisions.
+        band = probed.lengths[np.searchsorted(probed.lengths, tolerance * (1 - _TIE_BAND)):
+                              np.searchsorted(probed.lengths, limit, side="right")]
+        if band.size and band[0] <= tolerance < band[-1]:
+            return self.distances(side) <= tolerance
+        return probed.distances <= tolerance
 
 
 class SurfaceDistances:
@@ -368,34 +373,30 @@ class SurfaceDistances:
 
     def __init__(self, distances_gt_to_pred: np.ndarray, distances_pred_to_gt: np.ndarray,
                  surfel_areas_gt: np.ndarray, surfel_areas_pred: np.ndarray):
-        self._distances = [np.asarray(distances_gt_to_pred), np.asarray(distances_pred_to_gt)]
+        self._distances = (np.asarray(distances_gt_to_pred), np.asarray(distances_pred_to_gt))
         self.surfel_areas_gt, self.surfel_areas_pred = np.asarray(surfel_areas_gt), np.asarray(surfel_areas_pred)
         self._pair = None
 
     @classmethod
     def _of(cls, pair: _SurfacePair) -> "SurfaceDistances":
         sd = cls.__new__(cls)
-        sd._distances, sd._pair = [None, None], pair
+        sd._distances, sd._pair = None, pair
         sd.surfel_areas_gt, sd.surfel_areas_pred = pair.areas
         return sd
 
-    def _side(self, side: int) -> np.ndarray:
-        if self._distances[side] is None:
-            self._distances[side] = self._pair.distances(side)
-        return self._distances[side]
-
     @property
     def distances_gt_to_pred(self) -> np.ndarray:
-        return self._side(0)
+        return self._distances[0] if self._pair is None else self._pair.distances(0)
 
     @property
     def distances_pred_to_gt(self) -> np.ndarray:
-        return self._side(1)
+        return self._distances[1] if self._pair is None else self._pair.distances(1)
 
     def within_tolerance(self, tolerance_mm: float) -> tuple[np.ndarray, np.ndarray]:
         """(gt points, pred points) within ``tolerance_mm`` of the other surface: ``distances <= tolerance``."""
-        return tuple(self._distances[side] <= tolerance_mm if self._distances[side] is not None
-                     else self._pair.within(side, tolerance_mm) for side in (0, 1))
+        if self._pair is None:
+            return self._distances[0] <= tolerance_mm, self._distances[1] <= tolerance_mm
+        return self._pair.within(0, tolerance_mm), self._pair.within(1, tolerance_mm)
 
 
 def compute_surface_distances(mask_gt: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float]) \

@@ -201,9 +201,10 @@ def test_tolerance_search_equals_full_distance_maps_and_deepmind(case, monkeypat
 
 
 @pytest.mark.parametrize("path", ["probes", "probes then transform", "transform"])
-def test_every_search_path_gives_the_exact_distances_within_the_limit(path, monkeypatch):
-    """The offset probes, the switch to a distance transform part way, and the transform alone: each gives,
-    for every surface point, the exact distance where it is <= the limit and inf where it is farther."""
+def test_every_search_path_decides_as_the_distance_maps(path, monkeypatch):
+    """The offset probes, the switch to the distance transform part way, and the transform alone: each finds
+    exactly the points whose distance (from the full distance maps) is <= the tolerance; the probes also give
+    the exact distances up to their limit and inf beyond."""
     if path == "probes":
         monkeypatch.setattr(S, "_EDT_NS_PER_POINT", np.inf)
     elif path == "probes then transform":
@@ -211,13 +212,45 @@ def test_every_search_path_gives_the_exact_distances_within_the_limit(path, monk
     else:
         monkeypatch.setattr(S, "_MAX_OFFSETS", 0)
     for gt, pred, spacing in _pairs():
-        sd = S.compute_surface_distances(gt, pred, spacing)
-        pair = sd._pair
-        for side in (0, 1):
-            exact = pair.distances(side)
-            for limit in TOLERANCES:
-                near = S._distances_within(pair.points[side], pair.surfaces[1 - side], spacing, limit)
-                np.testing.assert_array_equal(near, np.where(exact <= limit, exact, np.inf))
+        for tol in TOLERANCES:
+            sd = S.compute_surface_distances(gt, pred, spacing)
+            pair = sd._pair
+            within = sd.within_tolerance(tol)
+            searched = [0 <= tol < pair.diameter and pair.points[1 - side].size > 0 for side in (0, 1)]
+            # the probes ran to the end: always, or where one probe (offset 0) is all there is
+            finished = path == "probes" or (path == "probes then transform" and tol < min(spacing))
+            for side in (0, 1):
+                assert (pair._probed[side] is not None) == (searched[side] and finished)
+            exact = (sd.distances_gt_to_pred, sd.distances_pred_to_gt)   # read afterwards: not used by the search
+            for side in (0, 1):
+                np.testing.assert_array_equal(within[side], exact[side] <= tol)
+                if path == "probes" and searched[side]:
+                    probed = pair._probed[side].distances
+                    np.testing.assert_array_equal(probed, np.where(exact[side] <= pair._probed[side].limit,
+                                                                   exact[side], np.inf))
+
+
+@pytest.mark.parametrize("seed, side", [(111, 0), (42, 1)])
+def test_tied_offsets_rounding_across_the_tolerance_are_decided_by_the_distance_map(seed, side, monkeypatch):
+    """Spacing 1.1 mm and tolerance 5.5 mm: offsets (0, 5, 0) and (0, 3, 4) are both 5.5 mm long, but round to
+    5.5 and 5.500000000000001; the distance transform may keep either nearest point. Masks (found by a seed
+    search) where it keeps the longer one for a point the probes would count as within: the search must defer."""
+    from scipy import ndimage
+    monkeypatch.setattr(S, "_EDT_NS_PER_POINT", np.inf)   # probes only, however long
+    rng = np.random.default_rng(seed)
+    gt = ndimage.binary_dilation(rng.random((14, 14, 14)) > 0.995, iterations=2)
+    pred = rng.random((14, 14, 14)) > 0.995
+    spacing, tol = (1.1, 1.1, 1.1), 5.5
+    sd = S.compute_surface_distances(gt, pred, spacing)
+    pair = sd._pair
+    probed = S._probe(pair.points[side], pair.surfaces[1 - side], spacing, tol * (1 + S._TIE_BAND))
+    exact = pair.distances(side)
+    assert np.any((probed.distances <= tol) != (exact <= tol))   # the probes alone would decide otherwise
+    fresh = S.compute_surface_distances(gt, pred, spacing)
+    np.testing.assert_array_equal(fresh.within_tolerance(tol)[side], exact <= tol)
+    assert S.surface_dice(gt, pred, spacing, tol) == _full_map_surface_dice(sd, tol)
+    assert S.surface_dice(gt, pred, spacing, tol) == pytest.approx(
+        _deepmind_surface_dice(gt, pred, spacing, tol, monkeypatch), abs=1e-12)
 
 
 def test_empty_masks_match_deepmind(monkeypatch):
