@@ -274,8 +274,8 @@ def _probe(points: np.ndarray, surface: np.ndarray, spacing: Sequence[float], li
     The grid offsets no longer than ``limit`` are probed in order of length, each probe one vectorised gather
     over the points not matched yet, and a point takes the length of the first offset that lands on
     ``surface``. Returns None, to leave the work to the distance transform of the grid, when that is cheaper:
-    at once for very many offsets, else as soon as the probes spent pass its cost while the probes left could
-    cost more (so the work stays within about twice the cheaper of the two ways).
+    at once for very many offsets, else as soon as the probes spent pass half its cost while the probes left
+    could cost more than all of it (so the work stays within about 1.5 times the cheaper of the two ways).
     """
     shape = surface.shape
     # one step beyond floor(limit / s) guards against rounding; no offset longer than the grid joins two of
@@ -301,7 +301,7 @@ def _probe(points: np.ndarray, surface: np.ndarray, spacing: Sequence[float], li
     spent = 0.0
     for i, offset in enumerate(flat_offsets):
         probe_cost = _PROBE_NS_PER_OFFSET + _PROBE_NS_PER_POINT * todo.size
-        if spent > transform_cost and probe_cost * (flat_offsets.size - i) > transform_cost:
+        if 2 * spent > transform_cost and probe_cost * (flat_offsets.size - i) > transform_cost:
             return None
         spent += probe_cost
         hit = padded[position + offset]
