@@ -262,9 +262,10 @@ def _distance_map_at(points: np.ndarray, surface: np.ndarray, spacing: Sequence[
 
 @dataclass
 class _Probed:
+    """What :func:`_probe` found for one set of points."""
     limit: float
-    distances: np.ndarray   # length of the shortest probed offset landing on the surface; inf if none
-    lengths: np.ndarray     # the lengths of all probed offsets, sorted
+    distances: np.ndarray   # length of the shortest offset landing on the surface; inf if none up to the limit
+    lengths: np.ndarray     # the lengths of all offsets up to the limit, sorted
 
 
 def _probe(points: np.ndarray, surface: np.ndarray, spacing: Sequence[float], limit: float) -> _Probed | None:
@@ -434,9 +435,9 @@ def surface_dice(mask_gt: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[f
     if np.isscalar(tolerances_mm):
         return surface_dice_from_distances(sd, float(tolerances_mm))
     tolerances = [float(t) for t in tolerances_mm]
-    if any(t >= 0 for t in tolerances):   # the largest first: its search serves the others
-        sd.within_tolerance(max(t for t in tolerances if t >= 0))
-    return [surface_dice_from_distances(sd, t) for t in tolerances]
+    # the largest first: its search serves the smaller ones
+    values = {t: surface_dice_from_distances(sd, t) for t in sorted(tolerances, key=lambda t: -t if t == t else 0)}
+    return [values[t] for t in tolerances]
 
 
 # --------------------------------------------------------------------------------------------------------

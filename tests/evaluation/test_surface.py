@@ -194,8 +194,8 @@ def test_tolerance_search_equals_full_distance_maps_and_deepmind(case, monkeypat
         assert fast == full, (tol, fast, full)   # the same points within, summed in the same order
         assert fast == pytest.approx(_deepmind_surface_dice(gt, pred, spacing, tol, monkeypatch), abs=1e-9)
         assert S.surface_dice(gt.astype(np.uint8), pred.astype(np.int16), spacing, tol) == fast
-    assert S.surface_dice(gt, pred, spacing, list(TOLERANCES[::-1])) == [
-        S.surface_dice(gt, pred, spacing, t) for t in TOLERANCES[::-1]]
+    for order in (list(TOLERANCES), list(TOLERANCES[::-1]), [1.0, 0.5, 3.7, 0.5]):
+        assert S.surface_dice(gt, pred, spacing, order) == [S.surface_dice(gt, pred, spacing, t) for t in order]
     if case == 4:   # far apart: nothing within 3.7 mm, everything within 50 mm
         assert S.surface_dice(gt, pred, spacing, [3.7, 50.0]) == [0.0, 1.0]
 
