@@ -245,7 +245,8 @@ def test_tied_offsets_rounding_across_the_tolerance_are_decided_by_the_distance_
     pair = sd._pair
     probed = S._probe(pair.points[side], pair.surfaces[1 - side], spacing, tol * (1 + S._TIE_BAND))
     exact = pair.distances(side)
-    assert np.any((probed.distances <= tol) != (exact <= tol))   # the probes alone would decide otherwise
+    # the probes alone would decide otherwise (if a scipy release breaks ties differently, search another seed)
+    assert np.any((probed.distances <= tol) != (exact <= tol)), "no tie decided differently: the test is void"
     fresh = S.compute_surface_distances(gt, pred, spacing)
     np.testing.assert_array_equal(fresh.within_tolerance(tol)[side], exact <= tol)
     assert S.surface_dice(gt, pred, spacing, tol) == _full_map_surface_dice(sd, tol)
