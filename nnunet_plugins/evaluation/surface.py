@@ -27,10 +27,19 @@ exactly:
    the directed distances are those from each contour voxel of one mask to the nearest contour voxel of the
    other; HD is the largest, the average Hausdorff distance the mean of the two directed means.
 
-Everything is vectorised: neighbourhood codes by shifted slices, distances by
-``scipy.ndimage.distance_transform_edt`` on the bounding box of both masks (exact, because every point of
-the other surface lies inside that box). ``benchmarks/bench_surface_distance.py`` compares the speed with a
-point-to-point reference.
+Everything is vectorised. Only the bounding box of the two masks is copied (found from one projection of each
+full volume); neighbourhood codes come from three paired shifts of it, and the surfaces are computed once for both
+directions. Surface Dice needs only whether each surface point lies within the tolerance of the other surface,
+so it reads no distance map: the grid offsets no longer than the tolerance are probed nearest first, each probe one
+gather over the surface points not matched yet (:func:`_probe`), and the exact distance transform takes over when
+that is cheaper (many offsets: large tolerances and surfaces far apart). Offset lengths are rounded as
+``scipy.ndimage.distance_transform_edt`` rounds a distance, so every ``distance <= tolerance`` decision, hence
+every surface Dice, is the one of the full distance maps (and of DeepMind's code, whose surfel areas equal ours to
+rounding); where two offsets of equal true length round to lengths on either side of the tolerance (the
+transform may keep either nearest point), the distance transform decides. The exact distance arrays (for HD95 or
+mean distances) are computed when first read, by the distance transform of the bounding box (exact: every point
+of the other surface lies in it). ``benchmarks/bench_surface_distance.py`` compares the speed with DeepMind's
+``surface-distance`` and with the previous implementation (full distance maps).
 """
 from __future__ import annotations
 
@@ -179,37 +188,216 @@ def surfel_area_table(spacing: Sequence[float]) -> np.ndarray:
 # Surfel distances
 # --------------------------------------------------------------------------------------------------------
 
-def _bounding_box(mask: np.ndarray):
-    """Slices of the smallest box holding every True voxel of ``mask``, or None if it has none."""
+def _bounding_box(*masks: np.ndarray):
+    """Slices of the smallest box holding every nonzero voxel of any of ``masks`` (arrays of one shape, at
+    least 2-D), or None if there is none.
+
+    Each full volume is read once, by its projection along axis 0 (a reduction over contiguous slices); the
+    extent along axis 0 is then read inside the in-plane box only, and no union of the masks is formed.
+    """
+    footprint = masks[0].any(axis=0)
+    for mask in masks[1:]:
+        footprint |= mask.any(axis=0)
     slices = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=others))
+    for axis in range(footprint.ndim):
+        hit = np.flatnonzero(footprint.any(axis=tuple(a for a in range(footprint.ndim) if a != axis)))
         if hit.size == 0:
             return None
         slices.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(slices)
+    along_0 = np.zeros(masks[0].shape[0], dtype=bool)
+    for mask in masks:
+        along_0 |= mask[(slice(None), *slices)].any(axis=tuple(range(1, mask.ndim)))
+    hit = np.flatnonzero(along_0)
+    return (slice(int(hit[0]), int(hit[-1]) + 1), *slices)
 
 
 def neighbour_codes(mask: np.ndarray) -> np.ndarray:
     """Neighbourhood code (uint8) of every voxel-corner point of ``mask`` (shape + 1 per axis): the corner
     point q looks at voxels q - 1 .. q along each axis; voxels outside the array count as background."""
-    padded = np.pad(mask.astype(bool), 1)
-    n0, n1, n2 = (s + 1 for s in mask.shape)
-    codes = np.zeros((n0, n1, n2), dtype=np.uint8)
-    for corner in _CORNERS:
-        a, b, c = corner
-        codes |= padded[a:a + n0, b:b + n1, c:c + n2].astype(np.uint8) << np.uint8(_corner_bit(corner))
-    return codes
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be 3-D, got shape {mask.shape}")
+    padded = np.zeros(tuple(s + 2 for s in mask.shape), dtype=np.uint8)
+    padded[1:-1, 1:-1, 1:-1] = mask
+    # pair the two voxels along one axis at a time (3 shifts instead of 8): the voxel at offset 0 takes the
+    # higher bit, so corner (a, b, c) ends at bit 7 - (4a + 2b + c) as _corner_bit says
+    codes = (padded[:, :, :-1] << 1) | padded[:, :, 1:]
+    codes = (codes[:, :-1] << 2) | codes[:, 1:]
+    return (codes[:-1] << 4) | codes[1:]
+
+
+def _surface_points(codes: np.ndarray) -> np.ndarray:
+    """Corner points whose neighbourhood is neither all outside (code 0) nor all inside (255)."""
+    return (codes - np.uint8(1)) < np.uint8(254)   # one comparison: uint8 arithmetic wraps 0 to 255
+
+
+# Relative costs that choose between the two exact ways of finding the points within a tolerance (measured
+# with scipy 1.17 and numpy 2 on one core). They decide only which way runs, never a result.
+_EDT_NS_PER_POINT = 150.0       # scipy's exact Euclidean distance transform, per grid point
+_PROBE_NS_PER_POINT = 4.0       # one offset probe (gather, test, compress), per point still unmatched
+_PROBE_NS_PER_OFFSET = 4000.0   # the fixed cost of one offset probe
+_MAX_OFFSETS = 250_000          # more candidate offsets than this: the distance transform is always cheaper
+# Offset lengths within this relative band of a tolerance count as possibly tied with it: far wider than any
+# rounding difference between two offsets of equal true length, and than the distance transform's own rounding.
+_TIE_BAND = 1e-12
+
+
+def _offset_lengths(offsets: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Length (mm) of integer grid offsets (one column each), computed as scipy's distance_transform_edt
+    computes a distance (each component times its spacing, squared, summed in axis order, square root), so
+    that ``length <= tolerance`` here decides as a comparison of its distance map would."""
+    squares = offsets.astype(np.float64)
+    squares *= np.asarray(spacing, dtype=np.float64)[:, None]
+    squares *= squares
+    return np.sqrt(np.add.reduce(squares, axis=0))
+
+
+def _distance_map_at(points: np.ndarray, surface: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Exact distance (mm) from each point (flat index into ``surface.shape``) to the nearest True point of
+    ``surface``: scipy's Euclidean distance transform of the whole grid (inf if ``surface`` is empty)."""
+    if points.size == 0 or not surface.any():
+        return np.full(points.size, np.inf)
+    return ndimage.distance_transform_edt(~surface, sampling=[float(s) for s in spacing]).ravel()[points]
 
 
 @dataclass
+class _Probed:
+    """What :func:`_probe` found for one set of points."""
+    limit: float
+    distances: np.ndarray   # length of the shortest offset landing on the surface; inf if none up to the limit
+    lengths: np.ndarray     # the lengths of all offsets up to the limit, sorted
+
+
+def _probe(points: np.ndarray, surface: np.ndarray, spacing: Sequence[float], limit: float) -> _Probed | None:
+    """The distance (mm) from each point (flat index into ``surface.shape``) to the nearest True point of
+    ``surface`` where it is <= ``limit`` (>= 0), ``inf`` where it is farther; found without a distance map.
+
+    The grid offsets no longer than ``limit`` are probed in order of length, each probe one vectorised gather
+    over the points not matched yet, and a point takes the length of the first offset that lands on
+    ``surface``. Returns None, to leave the work to the distance transform of the grid, when that is cheaper:
+    at once for very many offsets, else as soon as the probes spent pass half its cost while the probes left
+    could cost more than all of it (so the work stays within about 1.5 times the cheaper of the two ways).
+    """
+    shape = surface.shape
+    # one step beyond floor(limit / s) guards against rounding; no offset longer than the grid joins two of
+    # its points
+    radius = [e - 1 if limit >= s * (e - 1) else min(int(limit // s) + 1, e - 1) for s, e in zip(spacing, shape)]
+    transform_cost = _EDT_NS_PER_POINT * surface.size
+    if np.prod([2 * r + 1 for r in radius], dtype=np.float64) > _MAX_OFFSETS:
+        return None
+    grid = np.stack(np.meshgrid(*(np.arange(-r, r + 1) for r in radius), indexing="ij")).reshape(3, -1)
+    lengths = _offset_lengths(grid, spacing)
+    keep = np.flatnonzero(lengths <= limit)
+    keep = keep[np.argsort(lengths[keep], kind="stable")]
+    lengths = lengths[keep]
+    # flat indices into the surface padded by the radius, where every probe stays inside the array
+    padded_shape = [e + 2 * r for e, r in zip(shape, radius)]
+    strides = np.array([padded_shape[1] * padded_shape[2], padded_shape[2], 1], dtype=np.int64)
+    flat_offsets = strides @ grid[:, keep]
+    padded = np.pad(surface, [(r, r) for r in radius]).ravel()
+    position = sum((c.astype(np.int64) + r) * s
+                   for c, r, s in zip(np.unravel_index(points, shape), radius, strides))
+    distances = np.full(points.size, np.inf)
+    todo = np.arange(points.size)
+    spent = 0.0
+    for i, offset in enumerate(flat_offsets):
+        probe_cost = _PROBE_NS_PER_OFFSET + _PROBE_NS_PER_POINT * todo.size
+        if 2 * spent > transform_cost and probe_cost * (flat_offsets.size - i) > transform_cost:
+            return None
+        spent += probe_cost
+        hit = padded[position + offset]
+        if hit.any():
+            distances[todo[hit]] = lengths[i]
+            miss = ~hit
+            todo, position = todo[miss], position[miss]
+            if todo.size == 0:
+                break
+    return _Probed(limit, distances, lengths)
+
+
+class _SurfacePair:
+    """The surfaces of two masks on the corner grid of their common bounding box, computed once and shared
+    by both directions and by every tolerance."""
+
+    def __init__(self, codes_gt: np.ndarray, codes_pred: np.ndarray, spacing: Sequence[float]):
+        areas = surfel_area_table(spacing)
+        self.spacing = tuple(float(s) for s in spacing)
+        self.surfaces = (_surface_points(codes_gt), _surface_points(codes_pred))
+        self.points = tuple(np.flatnonzero(s) for s in self.surfaces)
+        self.areas = tuple(areas[c.ravel()[p]] for c, p in zip((codes_gt, codes_pred), self.points))
+        # the longest offset of the grid, rounded as a distance map rounds: rounding is monotonic, so no
+        # distance on the grid comes out longer
+        self.diameter = float(_offset_lengths(np.array(codes_gt.shape)[:, None] - 1, self.spacing)[0])
+        self._exact = [None, None]
+        self._probed = [None, None]
+
+    def distances(self, side: int) -> np.ndarray:
+        """Exact distances from the surface points of one side (0: gt, 1: pred) to the other surface."""
+        if self._exact[side] is None:
+            self._exact[side] = _distance_map_at(self.points[side], self.surfaces[1 - side], self.spacing)
+        return self._exact[side]
+
+    def within(self, side: int, tolerance: float) -> np.ndarray:
+        """Surface points of one side within ``tolerance`` of the other surface: ``distances(side) <=
+        tolerance``, decided without the distances where possible."""
+        n = self.points[side].size
+        if self._exact[side] is not None or not self.points[1 - side].size:
+            return self.distances(side) <= tolerance
+        if tolerance >= self.diameter:
+            return np.ones(n, dtype=bool)
+        if not tolerance >= 0:   # negative or nan: no distance passes
+            return np.zeros(n, dtype=bool)
+        limit = tolerance * (1 + _TIE_BAND)   # the offsets just past the tolerance too, for the tie test below
+        probed = self._probed[side]
+        if probed is None or probed.limit < limit:   # a search for a larger limit serves every smaller one
+            probed = self._probed[side] = _probe(self.points[side], self.surfaces[1 - side], self.spacing, limit)
+            if probed is None:
+                return self.distances(side) <= tolerance
+        # Two offsets of equal true length can round to lengths on either side of the tolerance, and the
+        # distance transform may keep either one: then only the transform gives its decisions.
+        band = probed.lengths[np.searchsorted(probed.lengths, tolerance * (1 - _TIE_BAND)):
+                              np.searchsorted(probed.lengths, limit, side="right")]
+        if band.size and band[0] <= tolerance < band[-1]:
+            return self.distances(side) <= tolerance
+        return probed.distances <= tolerance
+
+
 class SurfaceDistances:
-    """Surfel distances between two masks (unsorted; entries of a side share one order)."""
-    distances_gt_to_pred: np.ndarray   # mm, one per surface point of the reference
-    distances_pred_to_gt: np.ndarray   # mm, one per surface point of the prediction
-    surfel_areas_gt: np.ndarray        # mm^2
-    surfel_areas_pred: np.ndarray      # mm^2
+    """Surfel distances between two masks (unsorted; entries of a side share one order).
+
+    ``distances_gt_to_pred`` (mm, one per surface point of the reference), ``distances_pred_to_gt`` (one per
+    surface point of the prediction), ``surfel_areas_gt`` and ``surfel_areas_pred`` (mm^2). From
+    :func:`compute_surface_distances` the two distance arrays are computed when first read (exact distance
+    transforms); surface Dice reads :meth:`within_tolerance` instead, which finds only which points lie within
+    the tolerance and gives the decisions the distance arrays would.
+    """
+
+    def __init__(self, distances_gt_to_pred: np.ndarray, distances_pred_to_gt: np.ndarray,
+                 surfel_areas_gt: np.ndarray, surfel_areas_pred: np.ndarray):
+        self._distances = (np.asarray(distances_gt_to_pred), np.asarray(distances_pred_to_gt))
+        self.surfel_areas_gt, self.surfel_areas_pred = np.asarray(surfel_areas_gt), np.asarray(surfel_areas_pred)
+        self._pair = None
+
+    @classmethod
+    def _of(cls, pair: _SurfacePair) -> "SurfaceDistances":
+        sd = cls.__new__(cls)
+        sd._distances, sd._pair = None, pair
+        sd.surfel_areas_gt, sd.surfel_areas_pred = pair.areas
+        return sd
+
+    @property
+    def distances_gt_to_pred(self) -> np.ndarray:
+        return self._distances[0] if self._pair is None else self._pair.distances(0)
+
+    @property
+    def distances_pred_to_gt(self) -> np.ndarray:
+        return self._distances[1] if self._pair is None else self._pair.distances(1)
+
+    def within_tolerance(self, tolerance_mm: float) -> tuple[np.ndarray, np.ndarray]:
+        """(gt points, pred points) within ``tolerance_mm`` of the other surface: ``distances <= tolerance``."""
+        if self._pair is None:
+            return self._distances[0] <= tolerance_mm, self._distances[1] <= tolerance_mm
+        return self._pair.within(0, tolerance_mm), self._pair.within(1, tolerance_mm)
 
 
 def compute_surface_distances(mask_gt: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[float]) \
@@ -217,40 +405,25 @@ def compute_surface_distances(mask_gt: np.ndarray, mask_pred: np.ndarray, spacin
     """Distances from each surface point of one mask to the other mask's surface, with surfel areas.
 
     ``spacing`` is in the array's axis order (for a SimpleITK array: ``image.GetSpacing()[::-1]``). If a mask
-    is empty, its own lists are empty and the other side's distances are ``inf``.
+    is empty, its own lists are empty and the other side's distances are ``inf``. Only the bounding box of
+    the two masks is copied (nonzero voxels are inside); the distances are computed when first read.
     """
-    mask_gt = np.asarray(mask_gt, dtype=bool)
-    mask_pred = np.asarray(mask_pred, dtype=bool)
+    mask_gt, mask_pred = np.asarray(mask_gt), np.asarray(mask_pred)
     if mask_gt.shape != mask_pred.shape or mask_gt.ndim != 3:
         raise ValueError(f"masks must be 3-D and of equal shape, got {mask_gt.shape} and {mask_pred.shape}")
-    box = _bounding_box(mask_gt | mask_pred)
-    empty = np.zeros(0)
+    box = _bounding_box(mask_gt, mask_pred)
     if box is None:
+        empty = np.zeros(0)
         return SurfaceDistances(empty, empty, empty, empty)
-    areas = surfel_area_table(spacing)
-    codes_gt = neighbour_codes(mask_gt[box])
-    codes_pred = neighbour_codes(mask_pred[box])
-    border_gt = (codes_gt != 0) & (codes_gt != 255)
-    border_pred = (codes_pred != 0) & (codes_pred != 255)
-    sampling = [float(s) for s in spacing]
-
-    def distance_to(border):
-        if not border.any():
-            return None
-        return ndimage.distance_transform_edt(~border, sampling=sampling)
-
-    dist_to_gt = distance_to(border_gt)
-    dist_to_pred = distance_to(border_pred)
-    d_gt = dist_to_pred[border_gt] if dist_to_pred is not None else np.full(int(border_gt.sum()), np.inf)
-    d_pred = dist_to_gt[border_pred] if dist_to_gt is not None else np.full(int(border_pred.sum()), np.inf)
-    return SurfaceDistances(d_gt, d_pred, areas[codes_gt[border_gt]], areas[codes_pred[border_pred]])
+    return SurfaceDistances._of(_SurfacePair(neighbour_codes(mask_gt[box]), neighbour_codes(mask_pred[box]),
+                                             spacing))
 
 
 def surface_dice_from_distances(sd: SurfaceDistances, tolerance_mm: float) -> float:
     """Surface Dice at ``tolerance_mm`` (distance <= tolerance counts as overlap); nan if both surfaces are
     empty."""
-    overlap = sd.surfel_areas_gt[sd.distances_gt_to_pred <= tolerance_mm].sum() + \
-        sd.surfel_areas_pred[sd.distances_pred_to_gt <= tolerance_mm].sum()
+    within_gt, within_pred = sd.within_tolerance(tolerance_mm)
+    overlap = sd.surfel_areas_gt[within_gt].sum() + sd.surfel_areas_pred[within_pred].sum()
     total = sd.surfel_areas_gt.sum() + sd.surfel_areas_pred.sum()
     return float(overlap / total) if total > 0 else float("nan")
 
@@ -261,7 +434,10 @@ def surface_dice(mask_gt: np.ndarray, mask_pred: np.ndarray, spacing: Sequence[f
     sd = compute_surface_distances(mask_gt, mask_pred, spacing)
     if np.isscalar(tolerances_mm):
         return surface_dice_from_distances(sd, float(tolerances_mm))
-    return [surface_dice_from_distances(sd, float(t)) for t in tolerances_mm]
+    tolerances = [float(t) for t in tolerances_mm]
+    # the largest first: its search serves the smaller ones
+    values = {t: surface_dice_from_distances(sd, t) for t in sorted(tolerances, key=lambda t: -t if t == t else 0)}
+    return [values[t] for t in tolerances]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -286,7 +462,7 @@ def directed_contour_distances(points_from: np.ndarray, points_to: np.ndarray,
     """Distance (mm) from every True voxel of ``points_from`` to the nearest True voxel of ``points_to``."""
     points_from = np.asarray(points_from, dtype=bool)
     points_to = np.asarray(points_to, dtype=bool)
-    box = _bounding_box(points_from | points_to)
+    box = _bounding_box(points_from, points_to)
     if box is None or not points_to.any():
         return np.full(int(points_from.sum()), np.inf)
     dt = ndimage.distance_transform_edt(~points_to[box], sampling=[float(s) for s in spacing])
