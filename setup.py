@@ -56,7 +56,7 @@ setup(
         "numpy",
         "scipy",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "medpy"]},
     entry_points={"console_scripts": ["nnunet-plugins = nnunet_plugins.cli:main"]},
     cmdclass={"build_py": build_py_with_pth},
 )
