@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "nnunet_plugins.commands.uniseg",
     "nnunet_plugins.commands.banet",
     "nnunet_plugins.commands.metrics",
+    "nnunet_plugins.commands.semi",
 )
 
 
