@@ -44,4 +44,5 @@ def make_trainer(fold=0, configuration="3d_fullres"):
         plans = json.load(f)
     with open(os.path.join(pre, "dataset.json")) as f:
         dataset_json = json.load(f)
+    plans["continue_training"] = False  # nnU-Net's run_training adds this key
     return nnUNetTrainer(plans, configuration, fold, dataset_json, device=torch.device("cpu"))
