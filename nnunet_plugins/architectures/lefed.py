@@ -50,7 +50,7 @@ Where the released code deviates (it does not run as released):
 * ``Decoder`` has an unused branch gating by both decoders' features (0.5 (w1 + w2)); not reproduced.
 * Deep supervision: the paper weights side outputs 0.8, 0.6, 0.4, 0.2, 0.1 (full resolution ..
   bottleneck); the official training script takes their plain mean. :func:`deep_supervision_weights`
-  gives both (``official=True``: 1/5 each); the network is the same either way.
+  gives both (``official_mean=True``: 1/5 each); the network is the same either way.
 * The official script computes a consistency ramp-up weight but never uses it (MSE weight 1).
 """
 from __future__ import annotations
@@ -69,11 +69,11 @@ PAPER_DS_WEIGHTS = (0.8, 0.6, 0.4, 0.2, 0.1)
 FEEDBACK_SCALE = 1e-3
 
 
-def deep_supervision_weights(official: bool = False) -> tuple:
+def deep_supervision_weights(official_mean: bool = False) -> tuple:
     """Weights of decoder 1's side outputs (full resolution first): the paper's 0.8 .. 0.1, or with
-    ``official=True`` the released training script's plain mean (1/5 each)."""
+    ``official_mean=True`` the released training script's plain mean (1/5 each)."""
     n = len(PAPER_DS_WEIGHTS)
-    return tuple([1.0 / n] * n) if official else PAPER_DS_WEIGHTS
+    return tuple([1.0 / n] * n) if official_mean else PAPER_DS_WEIGHTS
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from nnunet_plugins.semi.preprocess import unlabeled_preprocessed_folder
+from nnunet_plugins.training.augmentation import nnunet_transforms
 from nnunet_plugins.semi.split import load_semi_split
 
 #: the target value of every voxel of an unlabeled sample (never a class index)
@@ -190,17 +191,9 @@ def get_semi_dataloaders(trainer, labeled_batch_size: int = DEFAULT_LABELED_BATC
                          f"{unlabeled_batch_size}")
     if trainer.dataset_class is None:
         trainer.dataset_class = infer_dataset_class(trainer.preprocessed_dataset_folder)
-    patch_size = trainer.configuration_manager.patch_size
-    ds_scales = trainer._get_deep_supervision_scales()
-    rotation, dummy_2d, initial_patch_size, mirror_axes = \
-        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    transforms = nnunet_transforms(trainer)
+    patch_size, initial_patch_size = transforms.patch_size, transforms.initial_patch_size
     lm = trainer.label_manager
-    label_kwargs = dict(is_cascaded=trainer.is_cascaded, foreground_labels=lm.foreground_labels,
-                        regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label)
-    tr_transforms = trainer.get_training_transforms(
-        patch_size, rotation, ds_scales, mirror_axes, dummy_2d,
-        use_mask_for_norm=trainer.configuration_manager.use_mask_for_norm, **label_kwargs)
-    val_transforms = trainer.get_validation_transforms(ds_scales, **label_kwargs)
 
     tr_keys, val_keys = trainer.do_split()
     dataset_lab, dataset_un, entry, extra = semi_datasets(trainer, tr_keys)
@@ -219,13 +212,13 @@ def get_semi_dataloaders(trainer, labeled_batch_size: int = DEFAULT_LABELED_BATC
 
     dl_lab = nnUNetDataLoader(dataset_lab, labeled_batch_size, initial_patch_size, patch_size, lm,
                               oversample_foreground_percent=trainer.oversample_foreground_percent,
-                              sampling_probabilities=None, pad_sides=None, transforms=tr_transforms,
+                              sampling_probabilities=None, pad_sides=None, transforms=transforms.train,
                               probabilistic_oversampling=trainer.probabilistic_oversampling)
-    dl_un = _unlabeled_loader(dataset_un, unlabeled_batch_size, initial_patch_size, patch_size, lm, tr_transforms) \
+    dl_un = _unlabeled_loader(dataset_un, unlabeled_batch_size, initial_patch_size, patch_size, lm, transforms.train) \
         if unlabeled_batch_size > 0 else None
     dl_val = nnUNetDataLoader(dataset_val, labeled_batch_size + unlabeled_batch_size, patch_size, patch_size, lm,
                               oversample_foreground_percent=trainer.oversample_foreground_percent,
-                              sampling_probabilities=None, pad_sides=None, transforms=val_transforms,
+                              sampling_probabilities=None, pad_sides=None, transforms=transforms.val,
                               probabilistic_oversampling=trainer.probabilistic_oversampling)
 
     n = get_allowed_n_proc_DA()

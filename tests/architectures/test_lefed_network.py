@@ -142,4 +142,4 @@ def test_inference_network_loads_training_weights_and_matches_decoder1():
 
 def test_deep_supervision_weights():
     assert deep_supervision_weights() == (0.8, 0.6, 0.4, 0.2, 0.1)
-    assert deep_supervision_weights(official=True) == pytest.approx((0.2,) * 5)
+    assert deep_supervision_weights(official_mean=True) == pytest.approx((0.2,) * 5)
