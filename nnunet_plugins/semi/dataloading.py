@@ -16,7 +16,8 @@ Each train batch is ``{'data', 'target', 'keys', 'labeled'}``: the L labeled sam
 unlabeled ones; ``labeled`` is a bool tensor (L x True, U x False); ``target`` has nnU-Net's structure (a
 list per deep-supervision scale, or one tensor) and its unlabeled entries are :data:`UNLABELED_TARGET` (-1)
 everywhere, a value no loss accepts as a class (cross-entropy and one-hot encodings fail on it), so an
-unlabeled sample's target cannot be used by accident.
+unlabeled sample's target cannot be used by accident. (Region-based datasets have boolean targets; there the
+batch target becomes int8, 0/1 for labeled samples, which nnU-Net's region losses accept.)
 
 Labels of unlabeled cases never reach a batch: an unlabeled case's segmentation is replaced, before
 cropping, by nnU-Net's dummy of a case without labels (-1 outside the nonzero region, 0 inside; this is
@@ -121,7 +122,9 @@ class SemiBatchIterator:
         n_un = un["data"].shape[0]
 
         def join(t_lab, t_un):
-            return torch.cat([t_lab, torch.full_like(t_un, UNLABELED_TARGET)])
+            if t_lab.dtype == torch.bool:  # region targets: -1 needs a signed type (nnU-Net's losses take int8)
+                t_lab = t_lab.to(torch.int8)
+            return torch.cat([t_lab, torch.full(t_un.shape, UNLABELED_TARGET, dtype=t_lab.dtype)])
 
         target = [join(a, b) for a, b in zip(lab["target"], un["target"])] if isinstance(lab["target"], list) \
             else join(lab["target"], un["target"])
