@@ -110,13 +110,10 @@ def _read_seg(path: str, reader_class) -> Tuple[np.ndarray, Tuple[float, ...]]:
     return np.asarray(seg[0]), tuple(float(s) for s in props["spacing"])
 
 
-def evaluate_case(case: str, pred_path: str, gt_path: str, regions: Optional[List[Region]], file_ending: str) \
+def evaluate_case(case: str, pred_path: str, gt_path: str, regions: Optional[List[Region]], reader) \
         -> List[dict]:
-    """One case's row: ``{"case", "dice_<label>", ..., "labels_found"}`` (geometry errors name the files)."""
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
-
-    reader = determine_reader_writer_from_file_ending(file_ending, gt_path, allow_nonmatching_filename=True,
-                                                      verbose=False)
+    """One case's row: ``{"case", "dice_<label>", ..., "labels_found"}`` (geometry errors name the files);
+    ``reader`` is an nnU-Net reader/writer class."""
     gt, spacing = _read_seg(gt_path, reader)
     pred, pred_spacing = _read_seg(pred_path, reader)
     if pred.shape != gt.shape:
@@ -163,8 +160,13 @@ def evaluate_folder(pred_dir: str, gt_dir: str, output: Optional[str] = None,
     if not gts:
         raise ValueError(f"no reference segmentations ({file_ending}) in {gt_dir}")
     regions = parse_regions([str(v) for v in labels] if labels else None)
-    items = [(case, dict(case=case, pred_path=preds[case], gt_path=gts[case], regions=regions,
-                         file_ending=file_ending)) for case in gts]
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
+
+    first = next(iter(gts.values()))
+    reader = determine_reader_writer_from_file_ending(file_ending, first, allow_nonmatching_filename=True,
+                                                      verbose=False)
+    items = [(case, dict(case=case, pred_path=preds[case], gt_path=gts[case], regions=regions, reader=reader))
+             for case in gts]
     rows = run_cases("nnunet_plugins.evaluation.protocol:evaluate_case", items, num_processes,
                      desc="protocol metrics", progress=progress)
     if regions is None:
