@@ -7,7 +7,8 @@ the MC-Net / UA-MT code bases.
 
 Layout (``n_filters`` = f = 16 as official, 3x3x3 convolutions, BatchNorm, ReLU):
 
-* encoder: 5 stages of 1, 2, 3, 3, 3 conv-BN-ReLU layers with f, 2f, 4f, 8f, 16f features at full, 1/2,
+* encoder (:class:`~nnunet_plugins.architectures.blocks.vnet.VNetEncoder`, the V-Net encoder of the
+  MC-Net line): 5 stages of 1, 2, 3, 3, 3 conv-BN-ReLU layers with f, 2f, 4f, 8f, 16f features at full, 1/2,
   1/4, 1/8, 1/16 resolution; between stages a 2x2x2 stride-2 convolution (+BN+ReLU) doubles the features;
   Dropout3d(p=0.3) on the bottleneck when ``has_dropout``.
 * decoder 1 (``decoder1``, the one used for inference): per stage an upsampling to the next resolution
@@ -61,8 +62,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: conv layers per encoder stage (full resolution .. bottleneck) and per decoder stage (1/8 .. full)
-ENCODER_CONVS = (1, 2, 3, 3, 3)
+from nnunet_plugins.architectures.blocks.vnet import (VNET_ENCODER_CONVS, VNetEncoder, vnet_conv_stage, vnet_norm,
+                                                      vnet_norm_kind)
+
+#: conv layers per decoder stage (1/8 .. full resolution)
 DECODER_CONVS = (3, 3, 2, 1)
 #: the paper's deep-supervision weights, full resolution .. bottleneck
 PAPER_DS_WEIGHTS = (0.8, 0.6, 0.4, 0.2, 0.1)
@@ -76,64 +79,12 @@ def deep_supervision_weights(official_mean: bool = False) -> tuple:
     return tuple([1.0 / n] * n) if official_mean else PAPER_DS_WEIGHTS
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm3d(channels)
-    if kind == "instance":
-        return nn.InstanceNorm3d(channels)
-    if kind == "group":
-        return nn.GroupNorm(16, channels)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"normalization must be batch, instance, group or none, got {kind!r}")
-
-
-def _conv_stack(n_layers: int, cin: int, cout: int, norm: str) -> nn.Sequential:
-    layers = []
-    for i in range(n_layers):
-        layers += [nn.Conv3d(cin if i == 0 else cout, cout, 3, padding=1), _norm(norm, cout), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers)
-
-
-class LeFeDEncoder(nn.Module):
-    """V-Net encoder; ``forward(x, feedback)`` adds ``feedback[k]`` (deepest first) to the stage outputs."""
-
-    def __init__(self, input_channels: int, n_filters: int, norm: str, has_dropout: bool):
-        super().__init__()
-        widths = [n_filters * 2 ** i for i in range(len(ENCODER_CONVS))]
-        self.widths = widths
-        self.stages = nn.ModuleList(
-            _conv_stack(n, input_channels if i == 0 else widths[i], widths[i], norm) for i, n in enumerate(ENCODER_CONVS))
-        self.downsamples = nn.ModuleList(
-            nn.Sequential(nn.Conv3d(widths[i], widths[i + 1], 2, stride=2), _norm(norm, widths[i + 1]),
-                          nn.ReLU(inplace=True)) for i in range(len(widths) - 1))
-        self.dropout = nn.Dropout3d(p=0.3) if has_dropout else nn.Identity()
-
-    def forward(self, x: torch.Tensor, feedback: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
-        n = len(self.stages)
-        if feedback is not None and len(feedback) != n:
-            raise ValueError(f"feedback must hold {n} tensors (bottleneck first), got {len(feedback)}")
-        skips = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if feedback is not None:
-                e = feedback[n - 1 - i]
-                if e.shape != x.shape:
-                    raise ValueError(f"feedback[{n - 1 - i}] has shape {tuple(e.shape)}, encoder stage {i} "
-                                     f"output {tuple(x.shape)}")
-                x = x + e
-            if i < n - 1:
-                skips.append(x)
-                x = self.downsamples[i](x)
-        return skips + [self.dropout(x)]  # full resolution .. bottleneck
-
-
 class LeFeDDecoder(nn.Module):
     """V-Net decoder: ``transposed`` upsampling (decoder 1) or trilinear + conv (decoder 2)."""
 
     def __init__(self, num_classes: int, n_filters: int, norm: str, has_dropout: bool, transposed: bool):
         super().__init__()
-        widths = [n_filters * 2 ** i for i in range(len(ENCODER_CONVS))][::-1]  # bottleneck .. full
+        widths = [n_filters * 2 ** i for i in range(len(VNET_ENCODER_CONVS))][::-1]  # bottleneck .. full
         ups = []
         for cin, cout in zip(widths[:-1], widths[1:]):
             if transposed:
@@ -141,9 +92,9 @@ class LeFeDDecoder(nn.Module):
             else:
                 up = [nn.Upsample(scale_factor=2, mode="trilinear", align_corners=True),
                       nn.Conv3d(cin, cout, 3, padding=1)]
-            ups.append(nn.Sequential(*up, _norm(norm, cout), nn.ReLU(inplace=True)))
+            ups.append(nn.Sequential(*up, vnet_norm(norm, cout), nn.ReLU(inplace=True)))
         self.ups = nn.ModuleList(ups)
-        self.blocks = nn.ModuleList(_conv_stack(n, c, c, norm) for n, c in zip(DECODER_CONVS, widths[1:]))
+        self.blocks = nn.ModuleList(vnet_conv_stage(n, c, c, norm) for n, c in zip(DECODER_CONVS, widths[1:]))
         self.dropout = nn.Dropout3d(p=0.5) if has_dropout else nn.Identity()
         self.seg_head = nn.Conv3d(n_filters, num_classes, 1)
 
@@ -210,12 +161,13 @@ class LeFeDVNet(nn.Module):
         self.inference = inference
         self.deep_supervision = deep_supervision
         self.upsample_side_outputs = upsample_side_outputs
-        self.encoder = LeFeDEncoder(input_channels, n_filters, normalization, has_dropout)
+        # official Encoder: the V-Net encoder, Dropout3d(0.3) on the bottleneck when has_dropout
+        self.encoder = VNetEncoder(input_channels, n_filters, normalization, 0.3 if has_dropout else None)
         self.decoder1 = LeFeDDecoder(num_classes, n_filters, normalization, has_dropout, transposed=True)
         self.decoder2 = None if inference else LeFeDDecoder(num_classes, n_filters, normalization, has_dropout,
                                                             transposed=False)
         # side convolutions on decoder 1's stage features, full resolution first (bottleneck last)
-        widths = [n_filters * 2 ** i for i in range(len(ENCODER_CONVS))]
+        widths = [n_filters * 2 ** i for i in range(len(VNET_ENCODER_CONVS))]
         self.side = None if (inference and not deep_supervision) else \
             nn.ModuleList(nn.Conv3d(w, num_classes, 1) for w in widths)
 
@@ -241,15 +193,11 @@ class LeFeDVNet(nn.Module):
         """A network of encoder + decoder 1 (+ side outputs with ``deep_supervision``) with this one's weights."""
         enc = self.encoder
         net = LeFeDVNet(input_channels=enc.stages[0][0].in_channels, num_classes=self.decoder1.seg_head.out_channels,
-                        n_filters=enc.widths[0], normalization=_norm_kind(enc.stages[0][1]),
+                        n_filters=enc.widths[0], normalization=vnet_norm_kind(enc.stages[0][1]),
                         has_dropout=isinstance(enc.dropout, nn.Dropout3d), deep_supervision=deep_supervision,
                         upsample_side_outputs=self.upsample_side_outputs, inference=True)
         net.load_state_dict(inference_state_dict(self.state_dict(), keep_side=deep_supervision), strict=True)
         return net
-
-
-def _norm_kind(module: nn.Module) -> str:
-    return {nn.BatchNorm3d: "batch", nn.InstanceNorm3d: "instance", nn.GroupNorm: "group"}.get(type(module), "none")
 
 
 def inference_state_dict(state_dict: dict, keep_side: bool = False) -> dict:
