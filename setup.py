@@ -56,9 +56,9 @@ setup(
         "numpy",
         "scipy",
     ],
-    # surface-distance: DeepMind's reference implementation of surface Dice, the baseline of the equality tests
-    # and of benchmarks/bench_surface_distance.py (tests and benchmarks only)
-    extras_require={"test": ["pytest>=7", "surface-distance>=0.1"]},
+    # test-only references: surface-distance (DeepMind's surface Dice, baseline of the equality tests and of
+    # benchmarks/bench_surface_distance.py) and medpy (Dice/Jaccard/HD95/ASD as the semi-supervised papers report)
+    extras_require={"test": ["pytest>=7", "surface-distance>=0.1", "medpy"]},
     entry_points={"console_scripts": ["nnunet-plugins = nnunet_plugins.cli:main"]},
     cmdclass={"build_py": build_py_with_pth},
 )

@@ -16,6 +16,8 @@ Layout written (nnU-Net v2 raw format)::
         labelsTr/<Name>_<iii>.nii.gz
         imagesTs/<Name>_<iii>_<cccc>.nii.gz   (num_test cases, numbered after the training cases)
         labelsTs/<Name>_<iii>.nii.gz          (their reference labels; nnU-Net ignores this folder)
+        imagesUn/<Name>_<iii>_<cccc>.nii.gz   (num_unlabeled images without labels, numbered after the test
+                                               cases; for semi-supervised training, see nnunet_plugins.semi)
 
 The whole folder is built under a temporary name and renamed into place, so an interrupted run never
 leaves a dataset that nnU-Net would accept half-written. Arrays are (z, y, x); ``shape`` and
@@ -51,14 +53,16 @@ class SyntheticSpec:
     num_channels: int = 1
     noise_std: float = 40.0
     seed: int = 0
+    num_unlabeled: int = 0
 
     def validate(self) -> None:
         if not (1 <= self.dataset_id <= 999):
             raise ValueError(f"dataset_id must be in 1..999, got {self.dataset_id}")
         if not self.name or not self.name.replace("_", "").isalnum():
             raise ValueError(f"name must be alphanumeric (underscores allowed), got {self.name!r}")
-        if self.num_cases < 1 or self.num_test < 0:
-            raise ValueError(f"need num_cases >= 1 and num_test >= 0, got {self.num_cases}, {self.num_test}")
+        if self.num_cases < 1 or self.num_test < 0 or self.num_unlabeled < 0:
+            raise ValueError(f"need num_cases >= 1, num_test >= 0 and num_unlabeled >= 0, got {self.num_cases}, "
+                             f"{self.num_test}, {self.num_unlabeled}")
         if len(self.shape) != 3 or min(self.shape) < 8:
             raise ValueError(f"shape must be 3 sizes (z, y, x), each >= 8, got {self.shape}")
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
@@ -80,6 +84,8 @@ class SyntheticSpec:
         channels = {str(c): ("CT" if c == 0 else f"MR{c}") for c in range(self.num_channels)}
         spec = asdict(self)
         spec["shape"], spec["spacing"] = list(self.shape), list(self.spacing)
+        if not self.num_unlabeled:  # datasets written before unlabeled images existed keep their record
+            del spec["num_unlabeled"]
         return {
             "channel_names": channels,
             "labels": labels,
@@ -204,7 +210,7 @@ def generate_dataset(raw_root: str | os.PathLike | None = None, *, overwrite: bo
     """Write a synthetic dataset into ``raw_root`` (default: ``$nnUNet_raw``) and return its folder.
 
     Keyword arguments are the fields of ``SyntheticSpec`` (dataset_id, name, num_cases, num_test,
-    shape, spacing, num_structures, num_channels, noise_std, seed). If the folder exists and was
+    shape, spacing, num_structures, num_channels, noise_std, seed, num_unlabeled). If the folder exists and was
     made with the same parameters it is kept as it is (a rerun is a no-op); if it differs, a
     ValueError says so unless ``overwrite=True``.
     """
@@ -240,14 +246,19 @@ def generate_dataset(raw_root: str | os.PathLike | None = None, *, overwrite: bo
     with atomic_directory(raw_root, spec.folder_name) as tmp:
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
             os.makedirs(os.path.join(tmp, sub))
-        seeds = np.random.SeedSequence(spec.seed).generate_state(spec.num_cases + spec.num_test)
-        for i in range(spec.num_cases + spec.num_test):
-            split = "Tr" if i < spec.num_cases else "Ts"
+        if spec.num_unlabeled:
+            os.makedirs(os.path.join(tmp, "imagesUn"))
+        n_labeled = spec.num_cases + spec.num_test
+        # the first seeds do not depend on the total drawn: adding unlabeled images keeps the other cases
+        seeds = np.random.SeedSequence(spec.seed).generate_state(n_labeled + spec.num_unlabeled)
+        for i in range(n_labeled + spec.num_unlabeled):
+            split = "Tr" if i < spec.num_cases else ("Ts" if i < n_labeled else "Un")
             case = f"{spec.name}_{i:03d}"
             channels, label, geometry = make_case(spec, int(seeds[i]))
             for c, img in enumerate(channels):
                 _write_image(img, geometry, os.path.join(tmp, f"images{split}", f"{case}_{c:04d}.nii.gz"))
-            _write_image(label, geometry, os.path.join(tmp, f"labels{split}", f"{case}.nii.gz"))
+            if split != "Un":
+                _write_image(label, geometry, os.path.join(tmp, f"labels{split}", f"{case}.nii.gz"))
         if spec.num_test == 0:
             os.rmdir(os.path.join(tmp, "imagesTs"))
             os.rmdir(os.path.join(tmp, "labelsTs"))

@@ -16,6 +16,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cases", type=int, default=d.num_cases, help=f"training cases (default {d.num_cases})")
     p.add_argument("--test-cases", type=int, default=d.num_test,
                    help=f"test cases written to imagesTs/labelsTs (default {d.num_test})")
+    p.add_argument("--unlabeled", type=int, default=d.num_unlabeled,
+                   help="unlabeled images written to imagesUn, for semi-supervised training (default "
+                        f"{d.num_unlabeled})")
     p.add_argument("--shape", type=int, nargs=3, default=list(d.shape), metavar=("Z", "Y", "X"),
                    help=f"volume size in voxels (default {' '.join(map(str, d.shape))})")
     p.add_argument("--spacing", type=float, nargs=3, default=list(d.spacing), metavar=("Z", "Y", "X"),
@@ -36,6 +39,7 @@ def run(args) -> int:
     folder = generate_dataset(args.raw, overwrite=args.overwrite, dataset_id=args.dataset_id, name=args.name,
                               num_cases=args.cases, num_test=args.test_cases, shape=tuple(args.shape),
                               spacing=tuple(args.spacing), num_structures=args.structures,
-                              num_channels=args.channels, noise_std=args.noise, seed=args.seed)
+                              num_channels=args.channels, noise_std=args.noise, seed=args.seed,
+                              num_unlabeled=args.unlabeled)
     print(folder)
     return 0

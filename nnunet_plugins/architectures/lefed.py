@@ -1,0 +1,207 @@
+"""LeFeD's official V-Net: one encoder, two different decoders, discrepancy feedback into the encoder.
+
+Paper: Zeng, Xie, Lu et al. "Discrepancy Matters: Learning from Inconsistent Decoder Features for Consistent
+Semi-supervised Medical Image Segmentation" (LeFeD), IEEE TMI 2025. Official code: maxwell0027/LeFeD
+(``networks/my_net.py``: ``Encoder``, ``Decoder``, ``SideConv``, ``LeFeD_Net``), a V-Net in the style of
+the MC-Net / UA-MT code bases.
+
+Layout (``n_filters`` = f = 16 as official, 3x3x3 convolutions, BatchNorm, ReLU):
+
+* encoder (:class:`~nnunet_plugins.architectures.blocks.vnet.VNetEncoder`, the V-Net encoder of the
+  MC-Net line): 5 stages of 1, 2, 3, 3, 3 conv-BN-ReLU layers with f, 2f, 4f, 8f, 16f features at full, 1/2,
+  1/4, 1/8, 1/16 resolution; between stages a 2x2x2 stride-2 convolution (+BN+ReLU) doubles the features;
+  Dropout3d(p=0.3) on the bottleneck when ``has_dropout``.
+* decoder 1 (``decoder1``, the one used for inference): per stage an upsampling to the next resolution
+  (2x2x2 stride-2 transposed convolution + BN + ReLU), added to the encoder skip, then 3, 3, 2, 1
+  conv-BN-ReLU layers; Dropout3d(p=0.5) before the 1x1 output convolution when ``has_dropout``.
+* decoder 2 (``decoder2``): the same, but each upsampling is trilinear (``align_corners=True``) + 3x3x3
+  convolution + BN + ReLU, and it is GATED by decoder 1's stage features ``F1`` (detached sigmoid):
+  bottleneck ``x <- x + x * sigmoid(F1_0)``, each upsampled map ``u_k <- u_k + skip_k * sigmoid(F1_k)``
+  (the skip is re-weighted, not concatenated). The gate is detached, so decoder 2's loss never reaches
+  decoder 1 through it (gradients still reach the shared encoder through ``x`` and the skips).
+* side outputs (``side``, deep supervision on decoder 1): a 1x1 convolution on each of decoder 1's stage
+  features, trilinearly upsampled (``align_corners=True``) to full resolution as official (or left at
+  their own resolution with ``upsample_side_outputs=False``, for nnU-Net's downsampled targets).
+
+Stage features (``F_k``, deepest first, the order of the official code and of the feedback): ``F_0`` the
+(gated, for decoder 2) bottleneck, ``F_1..F_4`` the upsampled maps BEFORE the skip is added (8f at 1/8 ..
+f at full resolution). The discrepancy ``e_k = scale * (F2_k - F1_k)`` (:func:`discrepancy_feedback`,
+``scale = 1e-3``, detached) is added on the next pass to the encoder stage output of the same size
+(``e_0`` to the bottleneck, ``e_4`` to the full-resolution stage), before the bottleneck dropout.
+
+Parameter counts (``input_channels=1, num_classes=2``): 12,348,718 for training (encoder, both decoders,
+side outputs) and 9,448,866 for inference (encoder + decoder 1, ``inference=True``; 9,449,868 with
+``deep_supervision=True``, which keeps the side convolutions).
+
+Shapes (input ``x``: ``(B, input_channels, D, H, W)`` with D, H, W divisible by 16):
+
+* ``inference=False``: ``forward(x, feedback=None)`` returns :class:`LeFeDOutput` with ``seg1`` and
+  ``seg2`` ``(B, num_classes, D, H, W)``, ``side1`` (the 5 side outputs, full resolution first, empty when
+  ``deep_supervision`` is False), ``features1``/``features2`` (5 tensors each, deepest first).
+* ``inference=True``: ``forward(x)`` returns decoder 1's logits ``(B, num_classes, D, H, W)`` (or the list
+  ``[seg1, *side1]`` when ``deep_supervision``), what nnU-Net's predictor expects; its state dict is the
+  training network's without ``decoder2.*`` (see :func:`inference_state_dict`).
+
+Where the released code deviates (it does not run as released):
+
+* ``LeFeD_Net.__init__`` calls ``super(MCNet3d_v2, self)`` (NameError) and ``train.py`` imports
+  ``MCNet3d_v2`` (absent) and uses an undefined ``Pancreas`` dataset; we build the network the training
+  script evidently means (``LeFeD_Net`` with ``normalization='batchnorm', has_dropout=True``).
+* ``SideConv`` hard-codes 256..16 input channels (only ``n_filters=16`` works); ours follows ``n_filters``.
+* ``Decoder`` has an unused branch gating by both decoders' features (0.5 (w1 + w2)); not reproduced.
+* Deep supervision: the paper weights side outputs 0.8, 0.6, 0.4, 0.2, 0.1 (full resolution ..
+  bottleneck); the official training script takes their plain mean. :func:`deep_supervision_weights`
+  gives both (``official_mean=True``: 1/5 each); the network is the same either way.
+* The official script computes a consistency ramp-up weight but never uses it (MSE weight 1).
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_plugins.architectures.blocks.vnet import (VNET_ENCODER_CONVS, VNetEncoder, vnet_conv_stage, vnet_norm,
+                                                      vnet_norm_kind)
+
+#: conv layers per decoder stage (1/8 .. full resolution)
+DECODER_CONVS = (3, 3, 2, 1)
+#: the paper's deep-supervision weights, full resolution .. bottleneck
+PAPER_DS_WEIGHTS = (0.8, 0.6, 0.4, 0.2, 0.1)
+FEEDBACK_SCALE = 1e-3
+
+
+def deep_supervision_weights(official_mean: bool = False) -> tuple:
+    """Weights of decoder 1's side outputs (full resolution first): the paper's 0.8 .. 0.1, or with
+    ``official_mean=True`` the released training script's plain mean (1/5 each)."""
+    n = len(PAPER_DS_WEIGHTS)
+    return tuple([1.0 / n] * n) if official_mean else PAPER_DS_WEIGHTS
+
+
+class LeFeDDecoder(nn.Module):
+    """V-Net decoder: ``transposed`` upsampling (decoder 1) or trilinear + conv (decoder 2)."""
+
+    def __init__(self, num_classes: int, n_filters: int, norm: str, has_dropout: bool, transposed: bool):
+        super().__init__()
+        widths = [n_filters * 2 ** i for i in range(len(VNET_ENCODER_CONVS))][::-1]  # bottleneck .. full
+        ups = []
+        for cin, cout in zip(widths[:-1], widths[1:]):
+            if transposed:
+                up = [nn.ConvTranspose3d(cin, cout, 2, stride=2)]
+            else:
+                up = [nn.Upsample(scale_factor=2, mode="trilinear", align_corners=True),
+                      nn.Conv3d(cin, cout, 3, padding=1)]
+            ups.append(nn.Sequential(*up, vnet_norm(norm, cout), nn.ReLU(inplace=True)))
+        self.ups = nn.ModuleList(ups)
+        self.blocks = nn.ModuleList(vnet_conv_stage(n, c, c, norm) for n, c in zip(DECODER_CONVS, widths[1:]))
+        self.dropout = nn.Dropout3d(p=0.5) if has_dropout else nn.Identity()
+        self.seg_head = nn.Conv3d(n_filters, num_classes, 1)
+
+    def forward(self, skips: Sequence[torch.Tensor], gate_features: Optional[Sequence[torch.Tensor]] = None):
+        """``skips``: encoder outputs full resolution .. bottleneck. ``gate_features``: decoder 1's stage
+        features (deepest first) to gate by, or None. Returns (logits, stage features deepest first)."""
+        x = skips[-1]
+        gates = None
+        if gate_features is not None:
+            # detached: decoder 2 must not train decoder 1 through the gate (official: w.detach())
+            gates = [torch.sigmoid(f).detach() for f in gate_features]
+            x = x + x * gates[0]
+        features = [x]
+        for k, (up, block) in enumerate(zip(self.ups, self.blocks)):
+            u = up(x)
+            skip = skips[-2 - k]
+            features.append(u)
+            x = block(u + (skip * gates[k + 1] if gates is not None else skip))
+        return self.seg_head(self.dropout(x)), features
+
+
+class LeFeDOutput(NamedTuple):
+    seg1: torch.Tensor              # decoder 1 logits, full resolution
+    seg2: torch.Tensor              # decoder 2 logits, full resolution
+    side1: List[torch.Tensor]       # decoder 1 side outputs, full resolution first ([] without deep supervision)
+    features1: List[torch.Tensor]   # decoder 1 stage features, deepest first
+    features2: List[torch.Tensor]   # decoder 2 stage features, deepest first
+
+
+def discrepancy_feedback(f1_list: Sequence[torch.Tensor], f2_list: Sequence[torch.Tensor],
+                         scale: float = FEEDBACK_SCALE) -> List[torch.Tensor]:
+    """LeFeD's feedback ``e_k = scale * (F2_k - F1_k)``, detached (it carries no gradient)."""
+    if len(f1_list) != len(f2_list):
+        raise ValueError(f"both decoders must give the same number of stage features, got {len(f1_list)} "
+                         f"and {len(f2_list)}")
+    out = []
+    for k, (f1, f2) in enumerate(zip(f1_list, f2_list)):
+        if f1.shape != f2.shape:
+            raise ValueError(f"stage {k}: decoder features differ in shape, {tuple(f1.shape)} vs {tuple(f2.shape)}")
+        out.append(scale * (f2.detach() - f1.detach()))
+    return out
+
+
+class LeFeDVNet(nn.Module):
+    """LeFeD's official V-Net (see the module docstring for the paper, layout, shapes and counts).
+
+    Args:
+        input_channels, num_classes: as nnU-Net's networks.
+        n_filters: features of the first stage (16 official).
+        normalization: ``batch`` (official), ``instance``, ``group`` or ``none``.
+        has_dropout: Dropout3d 0.3 on the bottleneck and 0.5 before each output convolution (official
+            training uses it; ``eval()`` switches it off).
+        deep_supervision: return decoder 1's side outputs (default: True for training, False for inference).
+        upsample_side_outputs: side outputs at full resolution (official) or at their stage's resolution.
+        inference: build encoder + decoder 1 only (with ``side`` when ``deep_supervision``).
+    """
+
+    def __init__(self, input_channels: int = 1, num_classes: int = 2, n_filters: int = 16,
+                 normalization: str = "batch", has_dropout: bool = True, deep_supervision: Optional[bool] = None,
+                 upsample_side_outputs: bool = True, inference: bool = False):
+        super().__init__()
+        if deep_supervision is None:  # side outputs are a training device: on for training, off for inference
+            deep_supervision = not inference
+        self.inference = inference
+        self.deep_supervision = deep_supervision
+        self.upsample_side_outputs = upsample_side_outputs
+        # official Encoder: the V-Net encoder, Dropout3d(0.3) on the bottleneck when has_dropout
+        self.encoder = VNetEncoder(input_channels, n_filters, normalization, 0.3 if has_dropout else None)
+        self.decoder1 = LeFeDDecoder(num_classes, n_filters, normalization, has_dropout, transposed=True)
+        self.decoder2 = None if inference else LeFeDDecoder(num_classes, n_filters, normalization, has_dropout,
+                                                            transposed=False)
+        # side convolutions on decoder 1's stage features, full resolution first (bottleneck last)
+        widths = [n_filters * 2 ** i for i in range(len(VNET_ENCODER_CONVS))]
+        self.side = None if (inference and not deep_supervision) else \
+            nn.ModuleList(nn.Conv3d(w, num_classes, 1) for w in widths)
+
+    def side_outputs(self, features1: Sequence[torch.Tensor], size) -> List[torch.Tensor]:
+        outs = []
+        for conv, f in zip(self.side, list(features1)[::-1]):
+            o = conv(f)
+            if self.upsample_side_outputs and o.shape[2:] != tuple(size):
+                o = F.interpolate(o, size=tuple(size), mode="trilinear", align_corners=True)
+            outs.append(o)
+        return outs
+
+    def forward(self, x: torch.Tensor, feedback: Optional[Sequence[torch.Tensor]] = None):
+        skips = self.encoder(x, feedback)
+        seg1, features1 = self.decoder1(skips)
+        side1 = self.side_outputs(features1, x.shape[2:]) if self.deep_supervision else []
+        if self.inference:
+            return [seg1, *side1] if self.deep_supervision else seg1
+        seg2, features2 = self.decoder2(skips, gate_features=features1)
+        return LeFeDOutput(seg1, seg2, side1, features1, features2)
+
+    def build_inference_network(self, deep_supervision: bool = False) -> "LeFeDVNet":
+        """A network of encoder + decoder 1 (+ side outputs with ``deep_supervision``) with this one's weights."""
+        enc = self.encoder
+        net = LeFeDVNet(input_channels=enc.stages[0][0].in_channels, num_classes=self.decoder1.seg_head.out_channels,
+                        n_filters=enc.widths[0], normalization=vnet_norm_kind(enc.stages[0][1]),
+                        has_dropout=isinstance(enc.dropout, nn.Dropout3d), deep_supervision=deep_supervision,
+                        upsample_side_outputs=self.upsample_side_outputs, inference=True)
+        net.load_state_dict(inference_state_dict(self.state_dict(), keep_side=deep_supervision), strict=True)
+        return net
+
+
+def inference_state_dict(state_dict: dict, keep_side: bool = False) -> dict:
+    """A training state dict reduced to what ``LeFeDVNet(..., inference=True)`` holds (no ``decoder2.*``;
+    no ``side.*`` unless ``keep_side``)."""
+    drop = ("decoder2.",) if keep_side else ("decoder2.", "side.")
+    return {k: v for k, v in state_dict.items() if not k.startswith(drop)}
