@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-__all__ = ["PlansNetwork", "network_name", "resolve_arch_kwargs", "fit_to_divisor", "fit_patch", "total_stride"]
+__all__ = ["PlansNetwork", "DecoderDeepSupervision", "network_name", "resolve_arch_kwargs", "fit_to_divisor", "fit_patch", "total_stride"]
 
 
 def network_name(cls: type) -> str:
@@ -166,6 +166,18 @@ class PlansNetwork:
 
     def compute_conv_feature_map_size(self, input_size) -> int:
         raise NotImplementedError(f"{type(self).__name__} does not implement compute_conv_feature_map_size")
+
+
+class DecoderDeepSupervision:
+    """``deep_supervision`` of a network whose decoder (``self.decoder``) decides it (nnU-Net's convention)."""
+
+    @property
+    def deep_supervision(self) -> bool:
+        return self.decoder.deep_supervision
+
+    @deep_supervision.setter
+    def deep_supervision(self, enabled: bool) -> None:
+        self.decoder.deep_supervision = bool(enabled)
 
 
 def conv_output_size(channels: int, size: Sequence[int]) -> int:

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from nnunet_plugins.architectures.blocks.conv import ConvNormFactory
 from nnunet_plugins.architectures.blocks.deformable_attention import DeformableTransformerEncoder3D, position_encoding_split
-from nnunet_plugins.architectures.contract import PlansNetwork, conv_output_size, strided
+from nnunet_plugins.architectures.contract import DecoderDeepSupervision, PlansNetwork, conv_output_size, strided
 
 __all__ = ["CoTr", "convert_official_cotr_state_dict", "load_official_cotr_weights"]
 
@@ -154,7 +154,7 @@ class CoTrDecoder(nn.Module):
         return [full] + ds[::-1]
 
 
-class CoTr(PlansNetwork, nn.Module):
+class CoTr(PlansNetwork, DecoderDeepSupervision, nn.Module):
     """CoTr (Xie et al., MICCAI 2021): see the module docstring for the architecture and decisions.
 
     Args:
@@ -236,14 +236,6 @@ class CoTr(PlansNetwork, nn.Module):
             elif isinstance(m, (nn.BatchNorm3d, nn.InstanceNorm3d, nn.GroupNorm)) and m.weight is not None:
                 nn.init.constant_(m.weight, 1.0)
                 nn.init.constant_(m.bias, 0.0)
-
-    @property
-    def deep_supervision(self) -> bool:
-        return self.decoder.deep_supervision
-
-    @deep_supervision.setter
-    def deep_supervision(self, enabled: bool) -> None:
-        self.decoder.deep_supervision = bool(enabled)
 
     @classmethod
     def check_input_size(cls, spatial: Sequence[int], what: str = "input") -> tuple[int, int, int]:

@@ -57,7 +57,9 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import nn
 
 from nnunet_plugins.architectures.blocks.unet_decoder import unet_decoder
-from nnunet_plugins.architectures.contract import PlansNetwork, network_name, resolve_arch_kwargs, total_stride
+from nnunet_plugins.architectures.contract import (
+    DecoderDeepSupervision, PlansNetwork, network_name, resolve_arch_kwargs, total_stride,
+)
 
 # official configuration (yeerwen/UniSeg UniSeg_Trainer + its 3d_fullres plans)
 OFFICIAL_FEATURES = (32, 64, 128, 256, 320, 320)
@@ -91,7 +93,7 @@ class ChannelCountStem(nn.Module):
         return self.convs[key](x)
 
 
-class UniSeg(PlansNetwork, nn.Module):
+class UniSeg(PlansNetwork, DecoderDeepSupervision, nn.Module):
     """UniSeg network (see the module docstring).
 
     Args:
@@ -194,14 +196,6 @@ class UniSeg(PlansNetwork, nn.Module):
         self.decoder.transpconvs[0] = transpconv(bottleneck + 1, features_per_stage[-2], s0, s0,
                                                  bias=conv_bias and not official_generic_unet)
         self.apply(InitWeights_He(1e-2))
-
-    @property
-    def deep_supervision(self) -> bool:
-        return self.decoder.deep_supervision
-
-    @deep_supervision.setter
-    def deep_supervision(self, enabled: bool) -> None:
-        self.decoder.deep_supervision = bool(enabled)
 
     # ---- nnU-Net contract ---------------------------------------------------------------------------
     context_kwargs = PlansNetwork.context_kwargs + ("num_tasks", "patch_size", "task_input_channels")
