@@ -34,7 +34,8 @@ from typing import Sequence
 import numpy as np
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-__all__ = ["PlansNetwork", "DecoderDeepSupervision", "network_name", "resolve_arch_kwargs", "fit_to_divisor", "fit_patch", "total_stride"]
+__all__ = ["PlansNetwork", "DecoderDeepSupervision", "network_name", "resolve_arch_kwargs", "fit_to_divisor", "fit_patch",
+           "total_stride", "conv_output_size", "strided"]
 
 
 def network_name(cls: type) -> str:

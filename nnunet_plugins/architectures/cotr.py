@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nnunet_plugins.architectures.blocks.conv import ConvNormFactory
+# WSConv3d (official Conv3d_wd) lives in blocks/conv.py; importable here too, as main's LoRA tests do
+from nnunet_plugins.architectures.blocks.conv import ConvNormFactory, WSConv3d  # noqa: F401
 from nnunet_plugins.architectures.blocks.deformable_attention import DeformableTransformerEncoder3D, position_encoding_split
 from nnunet_plugins.architectures.contract import DecoderDeepSupervision, PlansNetwork, conv_output_size, strided
 
