@@ -77,7 +77,7 @@ register(Method(
     summary="3-D ResNet-50 + deformable transformer with one query per task; each task query generates its "
             "dynamic head; per-task binary sigmoid channels, partial-label Dice+BCE, AdamW with warm-up "
             "(combine datasets with `nnunet-plugins combine`, predict with `nnunet-plugins predict-multitask`)",
-    trainers=("nnunet_plugins.trainers.dodnet.TransDoDNetTrainer",),
+    trainers=("nnunet_plugins.trainers.transdodnet.TransDoDNetTrainer",),
     networks=("nnunet_plugins.architectures.transdodnet.TransDoDNet",),
     dimensions=("3d",),
 ))

@@ -65,3 +65,15 @@ def test_find_method_is_case_insensitive_and_errors_clearly():
     assert find_method("cotr").name == "CoTr"
     with pytest.raises(KeyError, match="unknown method"):
         find_method("NoSuchNet")
+
+
+def test_registered_networks_are_the_ones_the_trainers_build():
+    """The table cannot drift from the code: every trainer's network class (or, for a family such as BA-Net's,
+    a member of it) is listed as one of its method's networks, and every listed network is built by one."""
+    for method in METHODS.values():
+        networks = [resolve(n) for n in method.networks]
+        built = [resolve(t).network_class for t in method.trainers]
+        assert all(any(issubclass(n, b) for n in networks) for b in built), method.name
+        assert all(any(issubclass(n, b) for b in built) for n in networks), method.name
+        for n in networks:
+            assert n.network_name() == f"{n.__module__}.{n.__qualname__}" and n.network_name() in method.networks

@@ -52,7 +52,6 @@ differ only by the biases; with anisotropic kernels the decoder kernels differ t
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import List, Tuple, Type, Union
 
 import torch
@@ -61,17 +60,13 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
-from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 
-BANET_PLAIN = "nnunet_plugins.architectures.banet.BANetPlainConvUNet"
-BANET_RESENC = "nnunet_plugins.architectures.banet.BANetResidualEncoderUNet"
-# nnU-Net's architectures and the BA-Net class that takes the same constructor arguments
-BANET_COUNTERPARTS = {"PlainConvUNet": BANET_PLAIN, "ResidualEncoderUNet": BANET_RESENC}
-
+from nnunet_plugins.architectures.blocks.unet_decoder import unet_decoder
+from nnunet_plugins.architectures.contract import PlansNetwork, network_name, resolve_arch_kwargs, total_stride
 
 def banet_network_class(plans_network_class: str) -> str:
     """The BA-Net network class (dotted path) for the architecture named in the plans."""
@@ -97,49 +92,43 @@ def boundary_attention(upsampled: torch.Tensor, boundary_logits: torch.Tensor) -
     return upsampled * gate.to(upsampled.dtype)
 
 
-def _v1_decoder_view(encoder: nn.Module) -> SimpleNamespace:
-    """What ``UNetDecoder`` reads from an encoder, with nnU-Net v1's decoder kernels.
+class BANetUNet(PlansNetwork, AbstractDynamicNetworkArchitectures):
+    """Shared encoder + boundary decoder + segmentation decoder; subclasses build the encoder.
 
-    ``UNetDecoder`` stage ``s`` (1-based from the bottleneck) uses ``kernel_sizes[-(s + 1)]`` (the skip's
-    stage); nnU-Net v1's ``Generic_UNet`` uses ``conv_kernel_sizes[-s]`` (the stage below). Shifting the
-    list by one reproduces v1. A plain namespace (not a module) so the decoder registers no encoder copy.
+    ``BANetUNet.from_plans`` builds the member of the family that matches the plans' U-Net
+    (:func:`banet_network_class`), in the official decoder layout unless the plans set ``official_v1_layout``.
     """
-    kernels = list(encoder.kernel_sizes)
-    return SimpleNamespace(
-        output_channels=encoder.output_channels, strides=encoder.strides, conv_op=encoder.conv_op,
-        conv_bias=encoder.conv_bias, norm_op=encoder.norm_op, norm_op_kwargs=encoder.norm_op_kwargs,
-        dropout_op=encoder.dropout_op, dropout_op_kwargs=encoder.dropout_op_kwargs, nonlin=encoder.nonlin,
-        nonlin_kwargs=encoder.nonlin_kwargs, kernel_sizes=kernels[1:] + kernels[-1:])
-
-
-def _drop_bias(conv: nn.Module) -> None:
-    conv.bias = None  # nn.Module.__setattr__ keeps 'bias' registered as an absent parameter
-
-
-class _BANetBase(AbstractDynamicNetworkArchitectures):
-    """Shared encoder + boundary decoder + segmentation decoder; subclasses build the encoder."""
 
     encoder: nn.Module
 
     def _build_decoders(self, num_classes: int, n_conv_per_stage_decoder, deep_supervision: bool,
                         nonlin_first: bool, official_v1_layout: bool) -> None:
-        source = _v1_decoder_view(self.encoder) if official_v1_layout else self.encoder
-        # identical structure, separate weights; the boundary decoder predicts background / boundary
-        self.boundary_decoder = UNetDecoder(source, BOUNDARY_CHANNELS, n_conv_per_stage_decoder, deep_supervision,
-                                            nonlin_first=nonlin_first)
-        self.decoder = UNetDecoder(source, num_classes, n_conv_per_stage_decoder, deep_supervision,
-                                   nonlin_first=nonlin_first)
-        if official_v1_layout:
-            # Generic_UNet: transposed convs and 1x1 outputs without bias (seg_output_use_bias=False)
-            for dec in (self.boundary_decoder, self.decoder):
-                for m in list(dec.transpconvs) + list(dec.seg_layers):
-                    _drop_bias(m)
+        # identical structure, separate weights; the boundary decoder predicts background / boundary. The
+        # official (nnU-Net v1) layout keeps no encoder copy in the decoders, as the official checkpoints
+        decoders = [unet_decoder(self.encoder, c, n_conv_per_stage_decoder, deep_supervision, nonlin_first,
+                                 official_v1_layout, register_encoder=not official_v1_layout)
+                    for c in (BOUNDARY_CHANNELS, num_classes)]
+        self.boundary_decoder, self.decoder = decoders
         self.official_v1_layout = official_v1_layout
         self.num_classes = num_classes
 
-    @property
-    def segmentation_decoder(self) -> UNetDecoder:
-        return self.decoder
+    # ---- nnU-Net contract -------------------------------------------------------------------------
+    @classmethod
+    def class_for_plans(cls, configuration_manager) -> type:
+        from pydoc import locate
+
+        return locate(banet_network_class(configuration_manager.network_arch_class_name))
+
+    @classmethod
+    def kwargs_from_plans(cls, configuration_manager) -> dict:
+        """The plans' U-Net arguments; the official layout unless the plans say otherwise (explicit, so plans
+        without the key never depend on the class's default)."""
+        cls.class_for_plans(configuration_manager)   # clear error for plans without a U-Net
+        return {"official_v1_layout": True, **resolve_arch_kwargs(configuration_manager)}
+
+    @classmethod
+    def divisor_for(cls, kwargs: dict, dim: int) -> tuple[int, ...]:
+        return total_stride(kwargs["strides"], dim)
 
     @property
     def deep_supervision(self) -> bool:
@@ -192,7 +181,7 @@ class _BANetBase(AbstractDynamicNetworkArchitectures):
         return total
 
 
-class BANetPlainConvUNet(_BANetBase):
+class BANetPlainConvUNet(BANetUNet):
     """BA-Net on nnU-Net's plain U-Net (``PlainConvUNet`` arguments, plus ``official_v1_layout``).
 
     Arguments are those of ``dynamic_network_architectures.architectures.unet.PlainConvUNet``:
@@ -248,7 +237,7 @@ class BANetPlainConvUNet(_BANetBase):
         InitWeights_He(1e-2)(module)
 
 
-class BANetResidualEncoderUNet(_BANetBase):
+class BANetResidualEncoderUNet(BANetUNet):
     """BA-Net on nnU-Net's residual-encoder U-Net (``ResidualEncoderUNet`` arguments; ResEnc M/L/XL plans).
 
     Encoder: ``ResidualEncoder`` (stem + residual blocks); decoders: two plain-convolution decoders as in
@@ -304,3 +293,9 @@ class BANetResidualEncoderUNet(_BANetBase):
     def initialize(module):
         InitWeights_He(1e-2)(module)
         init_last_bn_before_add_to_0(module)
+
+
+BANET_PLAIN = network_name(BANetPlainConvUNet)
+BANET_RESENC = network_name(BANetResidualEncoderUNet)
+# nnU-Net's architectures and the BA-Net class that takes the same constructor arguments
+BANET_COUNTERPARTS = {"PlainConvUNet": BANET_PLAIN, "ResidualEncoderUNet": BANET_RESENC}

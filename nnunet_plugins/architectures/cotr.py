@@ -44,7 +44,6 @@ Decisions
 """
 from __future__ import annotations
 
-import math
 import re
 from collections import OrderedDict
 from typing import Mapping, Sequence
@@ -53,56 +52,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# WSConv3d (official Conv3d_wd) lives in blocks/conv.py; importable here too, as main's LoRA tests do
+from nnunet_plugins.architectures.blocks.conv import ConvNormFactory, WSConv3d  # noqa: F401
 from nnunet_plugins.architectures.blocks.deformable_attention import DeformableTransformerEncoder3D, position_encoding_split
+from nnunet_plugins.architectures.contract import DecoderDeepSupervision, PlansNetwork, conv_output_size, strided
 
-__all__ = ["CoTr", "WSConv3d", "convert_official_cotr_state_dict", "load_official_cotr_weights"]
-
-
-class WSConv3d(nn.Conv3d):
-    """Conv3d with weight standardisation (zero mean, unit variance per output filter), as the
-    official ``Conv3d_wd`` (unbiased variance, eps 1e-12 under the square root)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        w = w - w.mean(dim=(1, 2, 3, 4), keepdim=True)
-        std = torch.sqrt(torch.var(w.reshape(w.shape[0], -1), dim=1) + 1e-12).view(-1, 1, 1, 1, 1)
-        return F.conv3d(x, w / std, self.bias, self.stride, self.padding, self.dilation, self.groups)
+__all__ = ["CoTr", "convert_official_cotr_state_dict", "load_official_cotr_weights"]
 
 
 _NORMS = {"instance": "instance", "in": "instance", "batch": "batch", "bn": "batch", "group": "group", "gn": "group"}
 _NONLINS = {"leakyrelu": "leakyrelu", "relu": "relu"}
 
 
-def _make_norm(kind: str, channels: int) -> nn.Module:
-    if kind == "instance":
-        return nn.InstanceNorm3d(channels, affine=True)
-    if kind == "batch":
-        return nn.BatchNorm3d(channels)
-    # official: GroupNorm(16, C); narrow test widths fall back to the largest divisor of C <= 16
-    return nn.GroupNorm(math.gcd(16, channels), channels)
-
-
-def _make_nonlin(kind: str) -> nn.Module:
-    return nn.LeakyReLU(0.01, inplace=True) if kind == "leakyrelu" else nn.ReLU(inplace=True)
-
-
-class _Cfg:
-    """What every conv block needs to know (kept out of the state dict)."""
-
-    def __init__(self, norm: str, nonlin: str, weight_std: bool):
-        self.norm, self.nonlin, self.weight_std = norm, nonlin, weight_std
-
-    def conv(self, cin, cout, kernel, stride=1, padding=0) -> nn.Conv3d:
-        cls = WSConv3d if self.weight_std else nn.Conv3d
-        return cls(cin, cout, kernel_size=kernel, stride=stride, padding=padding, bias=False)
-
-
 class _ConvNormAct(nn.Module):
-    def __init__(self, cfg: _Cfg, cin: int, cout: int, kernel, stride=1, padding=0):
+    def __init__(self, cfg: ConvNormFactory, cin: int, cout: int, kernel: int, stride=1):
         super().__init__()
-        self.conv = cfg.conv(cin, cout, kernel, stride, padding)
-        self.norm = _make_norm(cfg.norm, cout)
-        self.nonlin = _make_nonlin(cfg.nonlin)
+        self.conv = cfg.conv(cin, cout, kernel, stride)
+        self.norm = cfg.norm(cout)
+        self.nonlin = cfg.nonlin()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.nonlin(self.norm(self.conv(x)))
@@ -111,13 +78,13 @@ class _ConvNormAct(nn.Module):
 class _EncoderUnit(nn.Module):
     """One conv + norm, plus the (projected) input, then the nonlinearity (official ``ResBlock``)."""
 
-    def __init__(self, cfg: _Cfg, cin: int, cout: int, stride: int):
+    def __init__(self, cfg: ConvNormFactory, cin: int, cout: int, stride: int):
         super().__init__()
-        self.conv = cfg.conv(cin, cout, 3, stride, 1)
-        self.norm = _make_norm(cfg.norm, cout)
-        self.shortcut = (nn.Sequential(cfg.conv(cin, cout, 1, stride, 0), _make_norm(cfg.norm, cout))
+        self.conv = cfg.conv(cin, cout, 3, stride)
+        self.norm = cfg.norm(cout)
+        self.shortcut = (nn.Sequential(cfg.conv(cin, cout, 1, stride), cfg.norm(cout))
                          if stride != 1 or cin != cout else None)
-        self.nonlin = _make_nonlin(cfg.nonlin)
+        self.nonlin = cfg.nonlin()
 
     def forward(self, x: Tensor) -> Tensor:
         residual = x if self.shortcut is None else self.shortcut(x)
@@ -127,9 +94,9 @@ class _EncoderUnit(nn.Module):
 class CoTrEncoder(nn.Module):
     """Stem + residual stages; returns the four levels ``[stem, stage1, stage2, stage3]``."""
 
-    def __init__(self, cfg: _Cfg, input_channels: int, channels: Sequence[int], blocks: Sequence[int]):
+    def __init__(self, cfg: ConvNormFactory, input_channels: int, channels: Sequence[int], blocks: Sequence[int]):
         super().__init__()
-        self.stem = _ConvNormAct(cfg, input_channels, channels[0], 7, stride=(1, 2, 2), padding=3)
+        self.stem = _ConvNormAct(cfg, input_channels, channels[0], 7, stride=(1, 2, 2))
         stages = []
         for cin, cout, n in zip(channels[:-1], channels[1:], blocks):
             stages.append(nn.Sequential(*[_EncoderUnit(cfg, cin if i == 0 else cout, cout, 2 if i == 0 else 1)
@@ -146,10 +113,10 @@ class CoTrEncoder(nn.Module):
 class _DecoderBlock(nn.Module):
     """Two conv+norm+nonlin and an identity shortcut (official decoder ``ResBlock``)."""
 
-    def __init__(self, cfg: _Cfg, channels: int):
+    def __init__(self, cfg: ConvNormFactory, channels: int):
         super().__init__()
-        self.conv1 = _ConvNormAct(cfg, channels, channels, 3, 1, 1)
-        self.conv2 = _ConvNormAct(cfg, channels, channels, 3, 1, 1)
+        self.conv1 = _ConvNormAct(cfg, channels, channels, 3)
+        self.conv2 = _ConvNormAct(cfg, channels, channels, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv2(self.conv1(x)) + x
@@ -162,7 +129,7 @@ class CoTrDecoder(nn.Module):
     between ``[full, ds0, ds1, ds2]`` and ``full``.
     """
 
-    def __init__(self, cfg: _Cfg, channels: Sequence[int], num_classes: int, deep_supervision: bool):
+    def __init__(self, cfg: ConvNormFactory, channels: Sequence[int], num_classes: int, deep_supervision: bool):
         super().__init__()
         # channels = (c0, c1, c2, c3); up-steps c3->c2, c2->c1, c1->c0 (deepest first)
         pairs = list(zip(channels[:0:-1], channels[-2::-1]))
@@ -188,7 +155,7 @@ class CoTrDecoder(nn.Module):
         return [full] + ds[::-1]
 
 
-class CoTr(nn.Module):
+class CoTr(PlansNetwork, DecoderDeepSupervision, nn.Module):
     """CoTr (Xie et al., MICCAI 2021): see the module docstring for the architecture and decisions.
 
     Args:
@@ -219,6 +186,10 @@ class CoTr(nn.Module):
     #: scale of each output relative to the input, in output order (nnU-Net's convention)
     deep_supervision_scales: tuple[tuple[float, float, float], ...] = (
         (1.0, 1.0, 1.0), (1.0, 0.5, 0.5), (0.5, 0.25, 0.25), (0.25, 0.125, 0.125))
+    # nnU-Net contract (nnunet_plugins.architectures.contract)
+    spatial_dims = (3,)
+    avoid_single_voxel_bottleneck = True   # instance norm (the default) cannot normalise one voxel
+    context_kwargs = PlansNetwork.context_kwargs + ("patch_size",)
 
     def __init__(self, input_channels: int = 1, num_classes: int = 14,
                  patch_size: Sequence[int] = (48, 192, 192), deep_supervision: bool = True,
@@ -247,7 +218,9 @@ class CoTr(nn.Module):
         self.input_channels, self.num_classes = int(input_channels), int(num_classes)
         self.official_axis_order = official_axis_order
 
-        cfg = _Cfg(self._norm, _NONLINS[nonlin.lower()], weight_std)
+        # official GroupNorm(16, C); narrow test widths fall back to the largest divisor of C <= 16
+        cfg = ConvNormFactory(nn.Conv3d, weight_std, self._norm, 16, fit_groups=True, nonlin=_NONLINS[nonlin.lower()],
+                              owner="CoTr")
         self.backbone = CoTrEncoder(cfg, input_channels, stage_channels, blocks_per_stage)
         self.transformer = DeformableTransformerEncoder3D(
             d_model=d_model, n_heads=num_heads, num_layers=num_encoder_layers, d_ffn=ffn_dim, dropout=dropout,
@@ -264,14 +237,6 @@ class CoTr(nn.Module):
             elif isinstance(m, (nn.BatchNorm3d, nn.InstanceNorm3d, nn.GroupNorm)) and m.weight is not None:
                 nn.init.constant_(m.weight, 1.0)
                 nn.init.constant_(m.bias, 0.0)
-
-    @property
-    def deep_supervision(self) -> bool:
-        return self.decoder.deep_supervision
-
-    @deep_supervision.setter
-    def deep_supervision(self, enabled: bool) -> None:
-        self.decoder.deep_supervision = bool(enabled)
 
     @classmethod
     def check_input_size(cls, spatial: Sequence[int], what: str = "input") -> tuple[int, int, int]:
@@ -295,6 +260,42 @@ class CoTr(nn.Module):
             raise ValueError(f"CoTr {what} spatial size {spatial} leaves one voxel at the deepest level, which "
                              "instance norm cannot normalise; use e.g. (16, 16, 16), (8, 32, 16) or (8, 16, 32)")
         return spatial
+
+    # ---- nnU-Net contract -----------------------------------------------------------------------
+    @classmethod
+    def kwargs_from_plans(cls, configuration_manager) -> dict:
+        """The plans' arch_kwargs when they name CoTr (``nnunet-plugins plan -m CoTr``), else the official
+        configuration; the patch is the configuration's."""
+        return {**cls.arch_kwargs_from_plans(configuration_manager),
+                "patch_size": tuple(configuration_manager.patch_size)}
+
+    @classmethod
+    def divisor_for(cls, kwargs: dict, dim: int) -> tuple[int, ...]:
+        return cls.required_divisor   # fixed by the architecture (stem stride and three stride-2 stages)
+
+    @classmethod
+    def plans_deep_supervision_scales(cls, configuration_manager) -> list:
+        return [list(s) for s in cls.deep_supervision_scales]
+
+    def compute_conv_feature_map_size(self, input_size) -> int:
+        """Conv output elements for one ``input_size`` (D, H, W) sample (nnU-Net's planner estimate); the
+        transformer has no convolutions."""
+        self.check_input_size(input_size)
+        size = strided(input_size, (1, 2, 2))   # stem
+        total = conv_output_size(self.backbone.stem.conv.out_channels, size)
+        levels = [size]
+        for stage in self.backbone.stages:
+            for unit in stage:   # conv (+ projection shortcut conv)
+                size = strided(size, unit.conv.stride)
+                total += (1 if unit.shortcut is None else 2) * conv_output_size(unit.conv.out_channels, size)
+            levels.append(size)
+        decoder = self.decoder
+        for up, head, size in zip(decoder.upconvs, decoder.ds_heads, levels[-2::-1]):
+            # transposed conv, the block's two convs, the deep-supervision head
+            total += 3 * conv_output_size(up.out_channels, size)
+            if decoder.deep_supervision:
+                total += conv_output_size(head.out_channels, size)
+        return total + conv_output_size(decoder.seg_head.out_channels, input_size)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if x.dim() != 5:

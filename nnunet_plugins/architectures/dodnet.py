@@ -47,59 +47,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nnunet_plugins.architectures.cotr import WSConv3d
+from nnunet_plugins.architectures.blocks.conv import ConvNormFactory
 from nnunet_plugins.architectures.blocks.dynamic_head import (
     TaskConditionedNetwork, apply_dynamic_head, dynamic_head_layer_sizes, num_dynamic_params,
 )
+from nnunet_plugins.architectures.contract import PlansNetwork, conv_output_size, strided, total_stride
 
-__all__ = ["DoDNet", "WSConv2d", "weight_standardized_conv"]
+__all__ = ["DoDNet"]
 
-
-class WSConv2d(nn.Conv2d):
-    """2-D twin of :class:`~nnunet_plugins.architectures.cotr.WSConv3d` (weight standardisation:
-    zero mean, unit variance per output filter; unbiased variance, eps 1e-12 under the square root)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        w = w - w.mean(dim=(1, 2, 3), keepdim=True)
-        std = torch.sqrt(torch.var(w.reshape(w.shape[0], -1), dim=1) + 1e-12).view(-1, 1, 1, 1)
-        return self._conv_forward(x, w / std, self.bias)
-
-
-def weight_standardized_conv(conv_op: type[nn.Module]) -> type[nn.Module]:
-    if conv_op is nn.Conv3d:
-        return WSConv3d
-    if conv_op is nn.Conv2d:
-        return WSConv2d
-    raise ValueError(f"conv_op must be nn.Conv2d or nn.Conv3d, got {conv_op}")
-
-
-class _Cfg:
-    """Conv / norm factory shared by all blocks (not a module: stays out of the state dict)."""
-
-    def __init__(self, conv_op: type[nn.Module], norm_groups: int, weight_standardization: bool):
-        if conv_op not in (nn.Conv2d, nn.Conv3d):
-            raise ValueError(f"DoDNet: conv_op must be nn.Conv2d or nn.Conv3d, got {conv_op}")
-        self.conv_op = conv_op
-        self.dim = 3 if conv_op is nn.Conv3d else 2
-        self.ws_conv = weight_standardized_conv(conv_op) if weight_standardization else conv_op
-        self.norm_groups = norm_groups
-
-    def conv(self, cin: int, cout: int, kernel: int, stride=1) -> nn.Module:
-        return self.ws_conv(cin, cout, kernel_size=kernel, stride=stride, padding=kernel // 2, bias=False)
-
-    def norm(self, channels: int) -> nn.GroupNorm:
-        if channels % self.norm_groups:
-            raise ValueError(f"DoDNet: GroupNorm with {self.norm_groups} groups needs channel counts divisible by "
-                             f"{self.norm_groups}, got {channels} (set norm_groups or the widths accordingly)")
-        return nn.GroupNorm(self.norm_groups, channels)
+# official configuration (a_DynConv/unet3D_DynConv882.py)
+OFFICIAL_FEATURES = (32, 64, 128, 256, 256)
+OFFICIAL_BLOCKS = (1, 2, 2, 2, 2)
+OFFICIAL_STRIDES = (1, 2, 2, 2, 2)
 
 
 class PreActResidualBlock(nn.Module):
     """GN -> ReLU -> conv(stride) -> GN -> ReLU -> conv, plus the input (official ``NoBottleneck``);
     the shortcut is GN -> ReLU -> ``1x1`` conv(stride) where stride or width change."""
 
-    def __init__(self, cfg: _Cfg, cin: int, cout: int, stride=1):
+    def __init__(self, cfg: ConvNormFactory, cin: int, cout: int, stride=1):
         super().__init__()
         self.norm1 = cfg.norm(cin)
         self.conv1 = cfg.conv(cin, cout, 3, stride)
@@ -122,7 +88,7 @@ def _stride_tuple(stride, dim: int) -> tuple[int, ...]:
     return s
 
 
-class DoDNet(TaskConditionedNetwork):
+class DoDNet(PlansNetwork, TaskConditionedNetwork):
     """DoDNet (Zhang et al., CVPR 2021); see the module docstring for architecture and decisions.
 
     Args:
@@ -147,9 +113,9 @@ class DoDNet(TaskConditionedNetwork):
 
     def __init__(self, input_channels: int = 1, num_classes: int = 2, num_tasks: int = 7,
                  deep_supervision: bool = False, *, conv_op: type[nn.Module] = nn.Conv3d,
-                 features_per_stage: Sequence[int] = (32, 64, 128, 256, 256),
-                 blocks_per_stage: Sequence[int] = (1, 2, 2, 2, 2),
-                 strides: Sequence = (1, 2, 2, 2, 2), norm_groups: int = 16,
+                 features_per_stage: Sequence[int] = OFFICIAL_FEATURES,
+                 blocks_per_stage: Sequence[int] = OFFICIAL_BLOCKS,
+                 strides: Sequence = OFFICIAL_STRIDES, norm_groups: int = 16,
                  weight_standardization: bool = True, head_channels: int = 8, head_layers: int = 3):
         super().__init__()
         features, blocks = tuple(int(f) for f in features_per_stage), tuple(int(b) for b in blocks_per_stage)
@@ -158,7 +124,7 @@ class DoDNet(TaskConditionedNetwork):
                              f"(>= 2 stages), got {features}, {blocks}, {tuple(strides)}")
         if min(features) < 1 or min(blocks) < 1 or min(input_channels, num_classes, num_tasks) < 1:
             raise ValueError("DoDNet: widths, block counts, input_channels, num_classes and num_tasks must be positive")
-        cfg = _Cfg(conv_op, int(norm_groups), weight_standardization)
+        cfg = ConvNormFactory(conv_op, weight_standardization, "group", int(norm_groups), owner="DoDNet")
         self.input_channels, self.num_classes, self.num_tasks = int(input_channels), int(num_classes), int(num_tasks)
         self.conv_op, self.dim = conv_op, cfg.dim
         self.strides = tuple(_stride_tuple(s, cfg.dim) for s in strides)
@@ -187,10 +153,44 @@ class DoDNet(TaskConditionedNetwork):
     @property
     def required_divisor(self) -> tuple[int, ...]:
         """Every input axis must be a multiple of this (product of the stage strides)."""
-        out = [1] * self.dim
-        for s in self.strides:
-            out = [o * v for o, v in zip(out, s)]
-        return tuple(out)
+        return total_stride(self.strides, self.dim)
+
+    # ---- nnU-Net contract -----------------------------------------------------------------------
+    context_kwargs = PlansNetwork.context_kwargs + ("num_tasks",)
+
+    @classmethod
+    def kwargs_from_plans(cls, configuration_manager) -> dict:
+        """The plans' arch_kwargs when they name DoDNet (e.g. narrow networks for CPU runs), else the official
+        widths; the convolution (2-D / 3-D) follows the configuration's patch unless the plans set it."""
+        kwargs = cls.arch_kwargs_from_plans(configuration_manager)
+        kwargs.setdefault("conv_op", nn.Conv3d if len(configuration_manager.patch_size) == 3 else nn.Conv2d)
+        return kwargs
+
+    @classmethod
+    def divisor_for(cls, kwargs: dict, dim: int) -> tuple[int, ...]:
+        return total_stride(kwargs.get("strides", OFFICIAL_STRIDES), dim)
+
+    @classmethod
+    def plans_deep_supervision_scales(cls, configuration_manager) -> None:
+        return None   # no auxiliary heads (the official network has none)
+
+    def compute_conv_feature_map_size(self, input_size) -> int:
+        """Conv output elements for one ``input_size`` sample (nnU-Net's planner estimate), the dynamic
+        head's three generated 1x1 convolutions included."""
+        size = list(input_size)
+        total = conv_output_size(self.stem.out_channels, size)
+        skips = []
+        for stage in self.encoder_stages:
+            for block in stage:   # conv1 (strided), conv2 (+ projection shortcut conv)
+                size = strided(size, block.conv1.stride)
+                total += (2 if block.shortcut is None else 3) * conv_output_size(block.conv1.out_channels, size)
+            skips.append(size)
+        total += conv_output_size(self.fusion[-1].out_channels, skips[-1])
+        total += self.num_dynamic_params   # controller on the pooled features (1 voxel)
+        for block, size in zip(self.decoder_blocks, skips[-2::-1]):
+            total += (2 if block.shortcut is None else 3) * conv_output_size(block.conv1.out_channels, size)
+        total += conv_output_size(self.pre_head[-1].out_channels, input_size)
+        return total + sum(conv_output_size(c_out, input_size) for _, c_out in self.head_layer_sizes)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != self.dim + 2:

@@ -78,9 +78,11 @@ from nnunet_plugins.architectures.blocks.deformable_attention import (
     DeformableDecoderLayer3D, DeformableTransformerEncoder3D, MSDeformAttn3D, official_transdodnet_offset_normalizer,
     position_encoding_split, unflatten_levels,
 )
+from nnunet_plugins.architectures.blocks.conv import ConvNormFactory
 from nnunet_plugins.architectures.blocks.dynamic_head import (
     TaskConditionedNetwork, apply_dynamic_head, dynamic_head_layer_sizes, num_dynamic_params,
 )
+from nnunet_plugins.architectures.contract import PlansNetwork, conv_output_size, strided
 
 __all__ = ["TransDoDNet", "ResNet3D", "deepnorm_coefficients"]
 
@@ -95,12 +97,10 @@ def deepnorm_coefficients(num_encoder_layers: int, num_decoder_layers: int) -> d
             "decoder": ((3 * m) ** 0.25, (12 * m) ** -0.25)}
 
 
-def _norm(channels: int) -> nn.InstanceNorm3d:
-    return nn.InstanceNorm3d(channels, affine=True)
-
-
-def _conv(cin: int, cout: int, kernel: int, stride=1, bias: bool = False) -> nn.Conv3d:
-    return nn.Conv3d(cin, cout, kernel_size=kernel, stride=stride, padding=kernel // 2, bias=bias)
+# 3-D convs (no bias unless asked) and affine instance norm everywhere (official ResCNN2 / TransDoDNet)
+_CFG = ConvNormFactory(nn.Conv3d, norm="instance", owner="TransDoDNet")
+_norm, _conv = _CFG.norm, _CFG.conv
+OFFICIAL_BACKBONE_PLANES = (64, 128, 256, 320)
 
 
 class _ConvNormReLU(nn.Sequential):
@@ -167,7 +167,7 @@ class ResNet3D(nn.Module):
         return levels
 
 
-class TransDoDNet(TaskConditionedNetwork):
+class TransDoDNet(PlansNetwork, TaskConditionedNetwork):
     """TransDoDNet (Xie et al., TPAMI 2023); see the module docstring for architecture and decisions.
 
     Args:
@@ -195,7 +195,7 @@ class TransDoDNet(TaskConditionedNetwork):
 
     def __init__(self, input_channels: int = 1, num_classes: int = 2, num_tasks: int = 7,
                  deep_supervision: bool = False, *, stem_channels: int = 32,
-                 backbone_planes: Sequence[int] = (64, 128, 256, 320), backbone_blocks: Sequence[int] = (3, 4, 6, 3),
+                 backbone_planes: Sequence[int] = OFFICIAL_BACKBONE_PLANES, backbone_blocks: Sequence[int] = (3, 4, 6, 3),
                  expansion: int = 4, d_model: int = 192, n_heads: int = 8, d_ffn: int = 768,
                  num_encoder_layers: int = 3, num_decoder_layers: int = 3, n_levels: int = 3, n_points: int = 4,
                  dropout: float = 0.1, decoder_channels: Sequence[int] = (32, 64, 128, 256, 256),
@@ -223,7 +223,7 @@ class TransDoDNet(TaskConditionedNetwork):
         self.memory_fusion, self.deepnorm = memory_fusion, bool(deepnorm)
         self.official_offset_normalizer, self.official_axis_order = official_offset_normalizer, official_axis_order
         self.stem_stride, self.n_levels = (1, 2, 2), int(n_levels)
-        self.required_divisor = (2 ** len(planes), 2 ** (len(planes) + 1), 2 ** (len(planes) + 1))
+        self.required_divisor = self.divisor_for({"backbone_planes": planes}, 3)
 
         # --- backbone
         self.backbone = ResNet3D(self.input_channels, stem_channels, planes, blocks, self.stem_stride, 2, expansion)
@@ -267,6 +267,47 @@ class TransDoDNet(TaskConditionedNetwork):
         self.pre_head = _ConvNormReLU(dec[0], head_channels, 1)
 
         self._init_weights(coeffs)
+
+    # ---- nnU-Net contract -----------------------------------------------------------------------
+    spatial_dims = (3,)
+    avoid_single_voxel_bottleneck = True   # instance norm at the deepest level
+    context_kwargs = PlansNetwork.context_kwargs + ("num_tasks",)
+
+    @classmethod
+    def divisor_for(cls, kwargs: dict, dim: int) -> tuple[int, ...]:
+        """Stem stride (1, 2, 2), then one stride-2 stage per backbone stage."""
+        n = len(kwargs.get("backbone_planes", OFFICIAL_BACKBONE_PLANES))
+        return (2 ** n, 2 ** (n + 1), 2 ** (n + 1))
+
+    @classmethod
+    def plans_deep_supervision_scales(cls, configuration_manager) -> None:
+        return None   # no auxiliary heads (the official network has none)
+
+    def compute_conv_feature_map_size(self, input_size) -> int:
+        """Conv output elements for one ``input_size`` (D, H, W) sample (nnU-Net's planner estimate): backbone,
+        input projections, CNN decoder and the task's dynamic head (the transformer has no convolutions)."""
+        first, second = self.backbone.stem[0][0], self.backbone.stem[1][0]
+        size = strided(input_size, first.stride)
+        total = conv_output_size(first.out_channels, size) + conv_output_size(second.out_channels, size)
+        levels = [size]
+        for stage in self.backbone.stages:
+            for block in stage:   # 1x1, 3x3x3 (strided), 1x1 (+ projection shortcut)
+                total += conv_output_size(block.conv1.out_channels, size)
+                size = strided(size, block.conv2.stride)
+                total += conv_output_size(block.conv2.out_channels, size) + conv_output_size(block.conv3.out_channels, size)
+                if block.shortcut is not None:
+                    total += conv_output_size(block.shortcut[0].out_channels, size)
+            levels.append(size)
+        total += sum(conv_output_size(proj[0].out_channels, lvl)
+                     for proj, lvl in zip(self.input_proj, levels[-self.n_levels:]))
+        for proj in (getattr(self, "memory_proj", None), getattr(self, "bottleneck_proj", None)):
+            if proj is not None:
+                total += conv_output_size(proj[0].out_channels, levels[-1])
+        for up, skip, size in zip(self.upconvs, self.skip_projs, levels[-2::-1]):
+            # transposed conv, skip projection, the basic block's two convs
+            total += 2 * conv_output_size(up.out_channels, size) + 2 * conv_output_size(skip[0].out_channels, size)
+        total += conv_output_size(self.pre_head[0].out_channels, levels[0])
+        return total + sum(conv_output_size(c_out, levels[0]) for _, c_out in self.head_layer_sizes)
 
     # ------------------------------------------------------------------------------------------
     def _init_weights(self, coeffs: dict | None) -> None:

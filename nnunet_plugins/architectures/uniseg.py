@@ -49,12 +49,17 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, get_matching_convtransp
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
-from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
+
+from nnunet_plugins.architectures.blocks.unet_decoder import unet_decoder
+from nnunet_plugins.architectures.contract import (
+    DecoderDeepSupervision, PlansNetwork, network_name, resolve_arch_kwargs, total_stride,
+)
 
 # official configuration (yeerwen/UniSeg UniSeg_Trainer + its 3d_fullres plans)
 OFFICIAL_FEATURES = (32, 64, 128, 256, 320, 320)
@@ -62,6 +67,10 @@ OFFICIAL_KERNELS = ((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3
 OFFICIAL_STRIDES = ((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2))
 OFFICIAL_PATCH = (64, 192, 192)
 OFFICIAL_STEMS = (1, 2, 4)
+# PlainConvUNet constructor arguments that UniSeg takes under the same name (UniSeg on nnU-Net's stock plans)
+UNET_KWARGS = ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_conv_per_stage_decoder",
+               "conv_op", "conv_bias", "norm_op", "norm_op_kwargs", "dropout_op", "dropout_op_kwargs", "nonlin",
+               "nonlin_kwargs")
 
 
 class ChannelCountStem(nn.Module):
@@ -84,7 +93,7 @@ class ChannelCountStem(nn.Module):
         return self.convs[key](x)
 
 
-class UniSeg(nn.Module):
+class UniSeg(PlansNetwork, DecoderDeepSupervision, nn.Module):
     """UniSeg network (see the module docstring).
 
     Args:
@@ -178,30 +187,37 @@ class UniSeg(nn.Module):
                                       1, conv_bias, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin,
                                       nonlin_kwargs)
 
-        self.decoder = UNetDecoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision,
-                                   conv_bias=conv_bias)
+        # nnU-Net v1's decoder layout with official_generic_unet (the shared block, as BA-Net's official layout)
+        self.decoder = unet_decoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision,
+                                    official_v1_layout=official_generic_unet)
         transpconv = get_matching_convtransp(conv_op)
         s0 = strides[-1]
         # the decoder's input is concat(bottleneck, task prompt): one channel more than the bottleneck
         self.decoder.transpconvs[0] = transpconv(bottleneck + 1, features_per_stage[-2], s0, s0,
                                                  bias=conv_bias and not official_generic_unet)
-        if official_generic_unet:
-            for s in range(1, len(self.decoder.transpconvs)):
-                old = self.decoder.transpconvs[s]
-                self.decoder.transpconvs[s] = transpconv(old.in_channels, old.out_channels, old.kernel_size,
-                                                         old.stride, bias=False)
-            for s, old in enumerate(self.decoder.seg_layers):
-                self.decoder.seg_layers[s] = conv_op(old.in_channels, num_classes, 1, 1, 0, bias=False)
-            # nnU-Net v1: decoder stage u (from the bottleneck up) convolves with the kernel of encoder
-            # stage n_stages-1-u, one level deeper than v2's UNetDecoder uses
-            n_dec = n_conv_per_stage_decoder if not isinstance(n_conv_per_stage_decoder, int) \
-                else [n_conv_per_stage_decoder] * (n_stages - 1)
-            for s in range(n_stages - 1):
-                skip = features_per_stage[-(s + 2)]
-                self.decoder.stages[s] = StackedConvBlocks(n_dec[s], conv_op, 2 * skip, skip, kernel_sizes[-(s + 1)],
-                                                           1, conv_bias, norm_op, norm_op_kwargs, dropout_op,
-                                                           dropout_op_kwargs, nonlin, nonlin_kwargs)
         self.apply(InitWeights_He(1e-2))
+
+    # ---- nnU-Net contract ---------------------------------------------------------------------------
+    context_kwargs = PlansNetwork.context_kwargs + ("num_tasks", "patch_size", "task_input_channels")
+
+    @classmethod
+    def kwargs_from_plans(cls, configuration_manager) -> dict:
+        """The U-Net of the plans (nnU-Net's ``PlainConvUNet`` plans, or plans naming UniSeg), nnU-Net v2's
+        conventions unless the plans set ``official_generic_unet``, and the configuration's patch."""
+        name = configuration_manager.network_arch_class_name
+        if name == cls.network_name():
+            kwargs = cls.arch_kwargs_from_plans(configuration_manager)
+        elif name == network_name(PlainConvUNet):
+            kwargs = {k: v for k, v in resolve_arch_kwargs(configuration_manager).items() if k in UNET_KWARGS}
+        else:
+            raise ValueError(f"UniSeg builds on nnU-Net's plain U-Net ({network_name(PlainConvUNet)}), but the plans "
+                             f"name {name}; use plans from nnU-Net's default planner (nnUNetPlans)")
+        kwargs.setdefault("official_generic_unet", False)
+        return {**kwargs, "patch_size": tuple(configuration_manager.patch_size)}
+
+    @classmethod
+    def divisor_for(cls, kwargs: dict, dim: int) -> tuple[int, ...]:
+        return total_stride(kwargs.get("strides", OFFICIAL_STRIDES), dim)
 
     # ---- task handling ------------------------------------------------------------------------------
     def set_inference_task(self, task_id: int | None) -> None:

@@ -39,7 +39,7 @@ Metadata: ``dataset.json["multitask"]`` (``metadata.MultiTaskSpec.to_json``)::
     ``MultiTaskSpec.from_dataset_json`` also reads a PLAIN nnU-Net dataset as one implicit task, so
     every multi-task trainer trains single datasets too. ``MultiTaskTrainer`` copies the metadata into
     the plans of the model folder (``plans["multitask"]``; read it with
-    ``MultiTaskTrainer.task_spec_from_plans(plans_manager)`` inside ``build_network_architecture``).
+    ``MultiTaskTrainer.task_spec_from_plans(plans_manager)``, as ``network_context`` does).
 
 Conventions
     * batches: ``batch["data"]``, ``batch["target"]`` (combined label values, nnU-Net's deep
@@ -54,16 +54,16 @@ Conventions
       tasks' channels get no loss and no gradient from it.
 
 Extension points (``nnunet_plugins.trainers.multitask.MultiTaskTrainer``; override only these)
-    ``build_network_architecture`` (static; the multi-task network), ``task_output_channels`` and
+    ``network_class`` (the multi-task network, built by its ``from_plans``), ``task_output_channels`` and
     ``task_label_manager`` (classmethods (spec, task): which output channels are a task's local
     classes, and how they become a segmentation - softmax by default, regions for sigmoid heads),
-    ``forward(data, task_id)``, ``compute_loss(output, target, task_id)`` (default: nnU-Net's Dice+CE
-    per task on the selected channels; ``self.task_label_mapper.to_local`` converts targets),
+    ``compute_loss(output, batch)`` (default: nnU-Net's Dice+CE per task on the selected channels;
+    ``self.task_label_mapper.to_local`` converts targets),
     ``logits_to_local_segmentation`` (online pseudo Dice), ``configure_optimizers``,
     ``batches_per_task_per_round`` (UniSeg: 50).
 
 Modules: ``metadata`` (pure Python), ``intensity`` and ``combine`` (dataset combination),
-``sampling`` (sampler + loader), ``partial_labels`` (label tables in torch, partial-label loss),
+``training.sampling`` (sampler + loader), ``partial_labels`` (label tables in torch, partial-label loss),
 ``prediction`` (``MultiTaskPredictor``, export to source labels). Import them directly; this package
 ``__init__`` imports nothing heavy.
 """

@@ -21,7 +21,6 @@ Pure Python + numpy; importing this module does not import torch or nnU-Net.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
@@ -339,9 +338,3 @@ class MultiTaskSpec:
         if self.implicit:
             d["implicit"] = True
         return d
-
-
-def load_spec(dataset_json_file: str, allow_implicit: bool = True) -> MultiTaskSpec:
-    with open(dataset_json_file) as f:
-        return MultiTaskSpec.from_dataset_json(json.load(f), allow_implicit=allow_implicit)
-

@@ -5,12 +5,10 @@ from typing import Sequence
 
 import numpy as np
 
+# the package's one patch fitter lives with the network contract; re-exported for the planners' callers
+from nnunet_plugins.architectures.contract import fit_to_divisor
 
-def fit_to_divisor(patch_size: Sequence[int], divisor: Sequence[int]) -> list[int]:
-    """Round each axis of ``patch_size`` to the nearest positive multiple of ``divisor``."""
-    if len(patch_size) != len(divisor):
-        raise ValueError(f"patch size {list(patch_size)} and divisor {list(divisor)} have different dimensions")
-    return [int(max(d, round(p / d) * d)) for p, d in zip(patch_size, divisor)]
+__all__ = ["fit_to_divisor", "patch_for_voxel_budget"]
 
 
 def patch_for_voxel_budget(spacing: Sequence[float], median_shape: Sequence[float], voxel_budget: float,

@@ -18,19 +18,8 @@ import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
 from nnunet_plugins.architectures.cotr import CoTr
-from nnunet_plugins.planners.common import fit_to_divisor, patch_for_voxel_budget
+from nnunet_plugins.planners.common import patch_for_voxel_budget
 
-COTR_NETWORK = f"{CoTr.__module__}.{CoTr.__name__}"
-COTR_DIVISOR = CoTr.required_divisor
-
-
-def fit_cotr_patch(patch_size) -> list[int]:
-    """Nearest patch CoTr can train on: axes multiples of (8, 16, 16), deepest level above one voxel
-    (instance norm cannot normalise a single voxel)."""
-    patch = fit_to_divisor(patch_size, COTR_DIVISOR)
-    if all(p == d for p, d in zip(patch, COTR_DIVISOR)):
-        patch[-1] *= 2
-    return patch
 OFFICIAL_PATCH = (48, 192, 192)
 OFFICIAL_BATCH_SIZE = 2
 
@@ -62,16 +51,17 @@ class CoTrPlanner(ExperimentPlanner):
                                                    approximate_n_voxels_dataset, _cache)
         if len(spacing) != 3:
             return plan  # the 2d configuration is dropped in save_plans
+        # CoTr's divisor and its fitter (axes multiples of (8, 16, 16), more than one deepest voxel)
         if self.patch_size_override is not None:
-            patch = fit_cotr_patch(self.patch_size_override)
+            patch = CoTr.fit_patch(self.patch_size_override)
         else:
             budget = float(np.prod(OFFICIAL_PATCH)) * self.UNet_vram_target_GB / 8.0
-            patch = fit_cotr_patch(patch_for_voxel_budget(spacing, median_shape, budget, COTR_DIVISOR))
+            patch = CoTr.fit_patch(patch_for_voxel_budget(spacing, median_shape, budget, CoTr.divisor_for({}, 3)))
         plan["patch_size"] = tuple(patch)
         plan["batch_size"] = int(self.batch_size_override or OFFICIAL_BATCH_SIZE)
         # the U-Net's pooling is meaningless for CoTr; keep nnU-Net's keys consistent with CoTr's strides
         plan["architecture"] = {
-            "network_class_name": COTR_NETWORK,
+            "network_class_name": CoTr.network_name(),
             "arch_kwargs": dict(self.arch_kwargs_override),
             "_kw_requires_import": [],
         }

@@ -43,14 +43,10 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss, get_tp_fp_fn_tn
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.collate_outputs import collate_outputs
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-from nnunetv2.utilities.helpers import dummy_context
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import autocast
 
-from nnunet_plugins.architectures.banet import banet_network_class
+from nnunet_plugins.architectures.banet import BANetUNet
 from nnunet_plugins.training.boundary import BoundaryTargetTransform, inner_boundary
 from nnunet_plugins.trainers.base import PluginTrainer
 
@@ -78,6 +74,8 @@ def _check_no_regions(regions) -> None:
 
 
 class BANetTrainer(PluginTrainer):
+    # the BA-Net counterpart of the plans' U-Net (plain or residual encoder); fails at construction on others
+    network_class = BANetUNet
     consistency_weight: float = 0.0  # official: term present but switched off
     consistency_start: float = 0.5  # fraction of num_epochs after which the term is active when enabled
 
@@ -86,25 +84,7 @@ class BANetTrainer(PluginTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.label_manager.has_regions:
             _check_no_regions(self.label_manager.foreground_regions)
-        banet_network_class(self.configuration_manager.network_arch_class_name)  # fail early on other plans
         self.boundary_loss = None
-
-    # ----------------------------------------------------------------------------------------- network
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> torch.nn.Module:
-        # the official layout unless the plans say otherwise (explicit, so plans without the key never
-        # depend on the network class's default)
-        arch_kwargs = {"official_v1_layout": True, **configuration_manager.network_arch_init_kwargs}
-        return get_network_from_plans(
-            banet_network_class(configuration_manager.network_arch_class_name),
-            arch_kwargs,
-            configuration_manager.network_arch_init_kwargs_req_import,
-            num_input_channels, num_output_channels, allow_init=True, deep_supervision=enable_deep_supervision)
-
-    def set_deep_supervision_enabled(self, enabled: bool):
-        self.unwrapped_network.deep_supervision = enabled  # both decoders
 
     # ----------------------------------------------------------------------------------------- targets
     @staticmethod
@@ -174,64 +154,21 @@ class BANetTrainer(PluginTrainer):
         return losses
 
     # ----------------------------------------------------------------------------------------- steps
-    def _to_device(self, batch: dict):
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        if isinstance(target, list):
-            target = [t.to(self.device, non_blocking=True) for t in target]
-        else:
-            target = target.to(self.device, non_blocking=True)
-        return data, target
+    def forward(self, batch: dict):
+        return self.network(batch["data"], return_boundary=True)
 
-    def _autocast(self):
-        # as nnU-Net: autocast only on CUDA (slow on CPU, unsupported on MPS)
-        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+    def compute_loss(self, output, batch: dict):
+        losses = self.compute_losses(*output, batch["target"])
+        return losses.pop("loss"), losses
 
-    def train_step(self, batch: dict) -> dict:
-        data, target = self._to_device(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            seg_output, bdr_output = self.network(data, return_boundary=True)
-            losses = self.compute_losses(seg_output, bdr_output, target)
-        loss = losses["loss"]
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
-        return {k: v.detach().cpu().numpy() for k, v in losses.items()}
+    def online_evaluation(self, output, batch: dict) -> dict:
+        # pseudo Dice on the segmentation only
+        seg_target, _ = self._split_target(batch["target"])
+        return super().online_evaluation(output[0], {**batch, "target": seg_target})
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
         self._print_loss_parts("train", train_outputs)
-
-    def validation_step(self, batch: dict) -> dict:
-        data, target = self._to_device(batch)
-        with self._autocast():
-            seg_output, bdr_output = self.network(data, return_boundary=True)
-            losses = self.compute_losses(seg_output, bdr_output, target)
-        seg_target, _ = self._split_target(target)
-        if self.enable_deep_supervision:
-            seg_output, seg_target = seg_output[0], seg_target[0]
-        # online evaluation ("pseudo Dice") on the segmentation only, as nnU-Net's validation_step
-        axes = [0] + list(range(2, seg_output.ndim))
-        prediction = torch.zeros(seg_output.shape, device=seg_output.device, dtype=torch.float16)
-        prediction.scatter_(1, seg_output.argmax(1, keepdim=True), 1)
-        mask = None
-        if self.label_manager.has_ignore_label:
-            mask = (seg_target != self.label_manager.ignore_label).float()
-            seg_target = torch.where(seg_target == self.label_manager.ignore_label, 0, seg_target)
-        tp, fp, fn, _ = get_tp_fp_fn_tn(prediction, seg_target, axes=axes, mask=mask)
-        out = {k: v.detach().cpu().numpy() for k, v in losses.items()}
-        # [1:]: no background Dice, as nnU-Net
-        out.update(tp_hard=tp.detach().cpu().numpy()[1:], fp_hard=fp.detach().cpu().numpy()[1:],
-                   fn_hard=fn.detach().cpu().numpy()[1:])
-        return out
 
     def on_validation_epoch_end(self, val_outputs: List[dict]):
         super().on_validation_epoch_end(val_outputs)

@@ -21,11 +21,8 @@ at 12, AMP on CUDA, Dice + CE.
 from __future__ import annotations
 
 import numpy as np
-import torch
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_plugins.architectures.cotr import CoTr
-from nnunet_plugins.planners.cotr import COTR_NETWORK, fit_cotr_patch
 from nnunet_plugins.trainers.base import PluginTrainer
 
 # loss weights of CoTr's outputs [full, ds0, ds1, ds2] (official trainer, see the module docstring)
@@ -33,32 +30,7 @@ COTR_DS_WEIGHTS = (1.0, 0.5, 0.25, 0.125)
 
 
 class CoTrTrainer(PluginTrainer):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        patch = list(self.configuration_manager.patch_size)
-        if len(patch) != 3:
-            raise ValueError(f"CoTr is a 3-D network, but configuration {configuration!r} has a {len(patch)}-D patch "
-                             f"{patch}; train a 3-D configuration such as 3d_fullres")
-        fitted = fit_cotr_patch(patch)
-        if fitted != patch:
-            self.print_to_log_file(f"CoTr needs patch axes divisible by {CoTr.required_divisor}: "
-                                   f"patch {patch} -> {fitted}")
-            self.update_configuration(patch_size=fitted)
-
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> torch.nn.Module:
-        patch = configuration_manager.patch_size
-        kwargs = {}
-        if configuration_manager.network_arch_class_name == COTR_NETWORK:
-            kwargs = dict(configuration_manager.network_arch_init_kwargs)
-        return CoTr(input_channels=num_input_channels, num_classes=num_output_channels, patch_size=tuple(patch),
-                    deep_supervision=enable_deep_supervision, **kwargs)
-
-    def _get_deep_supervision_scales(self):
-        return [list(s) for s in CoTr.deep_supervision_scales] if self.enable_deep_supervision else None
+    network_class = CoTr   # network, patch divisor and deep-supervision scales come from CoTr
 
     def _build_loss(self):
         loss = super()._build_loss()

@@ -6,7 +6,7 @@ else of nnU-Net (plans, preprocessing, augmentation, schedule, checkpoints, ``--
 
 * data: ``MultiTaskDataLoader`` (task-balanced rounds, one task per batch, ``batch['task_id']``),
   single- and multi-process (``nnUNet_n_proc_DA``);
-* network: built by the subclass's static ``build_network_architecture``; it is called as
+* network: the subclass's ``network_class`` built from the plans; it is called as
   ``network(x, task_id)`` with ``task_id`` a LongTensor (B,) in training and validation, and predicts
   through ``set_inference_task`` (see ``nnunet_plugins.multitask.prediction``);
 * loss: nnU-Net's loss (``_build_loss``: Dice + CE with deep supervision) applied per task to the
@@ -22,11 +22,11 @@ else of nnU-Net (plans, preprocessing, augmentation, schedule, checkpoints, ``--
 
 EXTENSION POINTS (override only these in a method trainer):
 
-``build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-num_output_channels, enable_deep_supervision)`` (static)
-    Build the multi-task network. ``num_output_channels`` is the combined label count; use
-    ``MultiTaskTrainer.task_spec_from_plans(plans_manager)`` for the number of tasks, each task's
-    classes (``task_num_classes``, ``max_num_classes``) and input channels (``task_input_channels``).
+``network_class``
+    The multi-task network (a ``PlansNetwork`` taking ``(x, task_id)``); ``build_network_architecture``
+    is its ``from_plans`` with ``network_context(plans_manager)``: the task metadata
+    (``task_spec_from_plans``) gives ``num_tasks`` and the output channels (``num_network_outputs(spec)``,
+    default the largest class count of any task).
 ``task_output_channels(spec, task)`` (classmethod)
     The network output channels holding ``task``'s local classes, in local order; default
     ``range(K_t)`` (UniSeg: outputs sliced to the task's classes). A network with one output per
@@ -35,9 +35,7 @@ num_output_channels, enable_deep_supervision)`` (static)
     nnU-Net ``LabelManager`` that turns the task's selected output channels into a local
     segmentation at inference; default softmax/argmax over background + the task's structures.
     Sigmoid/region outputs (DoDNet: organ, tumour) return a region-based LabelManager here.
-``forward(data, task_id)``
-    How the network is called (default ``self.network(data, task_id)``).
-``compute_loss(output, target, task_id)``
+``compute_loss(output, batch) -> (loss, log)`` (``PluginTrainer``'s hook)
     Default: ``self.loss`` (from nnU-Net's ``_build_loss``) per task on selected channels and local
     targets. Override for another loss (DoDNet: binary Dice + BCE per channel with unannotated channels
     masked); ``self.task_label_mapper.to_local(target, task)`` converts combined targets.
@@ -46,6 +44,9 @@ num_output_channels, enable_deep_supervision)`` (static)
 ``configure_optimizers()`` and ``_build_loss()``: nnU-Net's hooks, as usual.
 ``batches_per_task_per_round``: batches each task contributes to a sampling round (UniSeg: 50).
 ``grad_clip_norm``: gradient-norm clipping of the training step (nnU-Net: 12; TransDoDNet: 0.1).
+
+The step itself (device transfer, autocast, grad scaler, clipping) is ``PluginTrainer``'s; the network
+is called as ``network(batch["data"], batch["task_id"])`` (``forward``).
 """
 from __future__ import annotations
 
@@ -65,10 +66,8 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.file_path_utilities import check_workers_alive_and_busy
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-from torch import autocast
 from torch import distributed as dist
 
 from nnunet_plugins.multitask.metadata import METADATA_KEY, MultiTaskSpec
@@ -82,7 +81,6 @@ from nnunet_plugins.trainers.base import PluginTrainer, read_run_length_override
 class MultiTaskTrainer(PluginTrainer):
     """See the module docstring (extension points)."""
 
-    grad_clip_norm: float = 12.0
     batches_per_task_per_round: int = 50
     # a batch holds one task: parts of a multi-task network for other tasks (UniSeg's stem for another
     # channel count, another task's head) may get no gradient in a step, which plain DDP rejects
@@ -107,11 +105,18 @@ class MultiTaskTrainer(PluginTrainer):
         for attribute, value in read_run_length_overrides().items():
             setattr(self, attribute, value)
 
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
-        raise NotImplementedError("MultiTaskTrainer is a base class: train a method trainer built on it "
-                                  "(UniSegTrainer, DoDNetTrainer, TransDoDNetTrainer) whose network takes (x, task_id)")
+    @classmethod
+    def network_context(cls, plans_manager: PlansManager) -> dict:
+        if cls.network_class is None:
+            raise NotImplementedError("MultiTaskTrainer is a base class: train a method trainer built on it "
+                                      "(UniSegTrainer, DoDNetTrainer, TransDoDNetTrainer) whose network takes "
+                                      "(x, task_id)")
+        spec = cls.task_spec_from_plans(plans_manager)
+        return {"num_classes": cls.num_network_outputs(spec), "num_tasks": spec.num_tasks}
+
+    @classmethod
+    def num_network_outputs(cls, spec: MultiTaskSpec) -> int:
+        return spec.max_num_classes
 
     # ---- metadata helpers and hooks ----------------------------------------------------------------
     @staticmethod
@@ -132,11 +137,14 @@ class MultiTaskTrainer(PluginTrainer):
     def select_task_outputs(self, output: torch.Tensor, task: int) -> torch.Tensor:
         return select_channels(output, self._channels_of(task))
 
-    def forward(self, data: torch.Tensor, task_id: torch.Tensor):
-        return self.network(data, task_id)
+    def forward(self, batch: dict):
+        if "task_id" not in batch:
+            raise KeyError("the batch has no 'task_id': multi-task trainers need MultiTaskDataLoader batches")
+        return self.network(batch["data"], batch["task_id"])
 
-    def compute_loss(self, output, target, task_id: torch.Tensor) -> torch.Tensor:
-        return task_grouped_loss(self.loss, output, target, task_id, self._channels_of, self.task_label_mapper)
+    def compute_loss(self, output, batch: dict):
+        return task_grouped_loss(self.loss, output, batch["target"], batch["task_id"], self._channels_of,
+                                 self.task_label_mapper), {}
 
     def logits_to_local_segmentation(self, logits: torch.Tensor, task: int) -> torch.Tensor:
         return logits.argmax(1, keepdim=True)
@@ -185,44 +193,11 @@ class MultiTaskTrainer(PluginTrainer):
         _ = next(mt_val)
         return mt_tr, mt_val
 
-    # ---- steps -------------------------------------------------------------------------------------
-    def _to_device(self, batch: dict):
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
-        if "task_id" not in batch:
-            raise KeyError("the batch has no 'task_id': multi-task trainers need MultiTaskDataLoader batches")
-        return data, target, batch["task_id"].to(self.device, non_blocking=True)
-
-    def _autocast(self):
-        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
-
-    def train_step(self, batch: dict) -> dict:
-        data, target, task_id = self._to_device(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            output = self.forward(data, task_id)
-            loss = self.compute_loss(output, target, task_id)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
-            self.optimizer.step()
-        return {"loss": loss.detach().cpu().numpy()}
-
-    def validation_step(self, batch: dict) -> dict:
-        data, target, task_id = self._to_device(batch)
-        with self._autocast():
-            output = self.forward(data, task_id)
-            loss = self.compute_loss(output, target, task_id)
+    # ---- online evaluation -------------------------------------------------------------------------
+    def online_evaluation(self, output, batch: dict) -> dict:
         output = output[0] if isinstance(output, (list, tuple)) else output
-        target = target[0] if isinstance(target, (list, tuple)) else target
+        target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
+        task_id = batch["task_id"]
 
         # pseudo Dice per COMBINED structure: each task's prediction in its own classes, mapped to
         # combined values, so every structure of every task is one entry of nnU-Net's Dice log
@@ -239,8 +214,8 @@ class MultiTaskTrainer(PluginTrainer):
         onehot = torch.zeros((output.shape[0], n, *output.shape[2:]), device=output.device, dtype=torch.float16)
         onehot.scatter_(1, predicted, 1)
         tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target.long().clamp_min(0), axes=[0] + list(range(2, output.ndim)))
-        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp.detach().cpu().numpy()[1:],
-                "fp_hard": fp.detach().cpu().numpy()[1:], "fn_hard": fn.detach().cpu().numpy()[1:]}
+        return {"tp_hard": tp.detach().cpu().numpy()[1:], "fp_hard": fp.detach().cpu().numpy()[1:],
+                "fn_hard": fn.detach().cpu().numpy()[1:]}
 
     # ---- final validation --------------------------------------------------------------------------
     def perform_actual_validation(self, save_probabilities: bool = False):

@@ -25,7 +25,11 @@ from typing import Sequence
 import torch
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-__all__ = ["BinaryChannel", "binary_channels_from_labels", "BinaryChannelLabelManager"]
+from nnunet_plugins.multitask.metadata import MultiTaskSpec
+from nnunet_plugins.training.partial_label_loss import TaskChannelTargets
+
+__all__ = ["BinaryChannel", "binary_channels_from_labels", "BinaryChannelLabelManager", "task_binary_channels",
+           "max_binary_channels", "channel_targets_for"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +90,56 @@ class BinaryChannelLabelManager(LabelManager):
         self._has_regions = True
         self._regions = self._get_regions()
         self.channels = tuple(channels)
+
+
+# ---------------------------------------------------------------------------------------------------
+# binary channels of the tasks of a multi-task dataset
+# ---------------------------------------------------------------------------------------------------
+def _task_name(spec: MultiTaskSpec, t: int) -> str:
+    task = spec.tasks[t]
+    return f"task {task.tag or t!r} ({task.source_dataset or 'no source name'})"
+
+
+def task_binary_channels(spec: MultiTaskSpec) -> list[list[BinaryChannel]]:
+    """Per task, its binary channels with values and paint values in the task's LOCAL class indices.
+
+    Read from each task's source ``labels`` and ``regions_class_order`` (the combined dataset's
+    metadata keeps them verbatim); raises ValueError naming the task when they are missing or name
+    values the task does not have.
+    """
+    out = []
+    for t, task in enumerate(spec.tasks):
+        where = f"{_task_name(spec, t)} labels"
+        if not task.source_labels:
+            raise ValueError(f"{where}: the task metadata has no source 'labels'; binary-channel training needs "
+                             f"them (datasets combined with `nnunet-plugins combine` carry them)")
+        channels = binary_channels_from_labels(task.source_labels, task.source_regions_class_order, where=where)
+        local = {int(v): i for i, v in enumerate(task.label_values)}
+        converted = []
+        for c in channels:
+            missing = sorted({v for v in (*c.values, c.paint_value) if v not in local})
+            if missing:
+                raise ValueError(f"{where}: channel {c.name!r} uses label values {missing} that the task does not "
+                                 f"have (its values: {list(task.label_values)})")
+            converted.append(BinaryChannel(c.name, tuple(local[v] for v in c.values), local[c.paint_value]))
+        out.append(converted)
+    return out
+
+
+def max_binary_channels(spec: MultiTaskSpec) -> int:
+    """Output channels of the network: the largest channel count of any task (official MOTS: 2)."""
+    return max(len(c) for c in task_binary_channels(spec))
+
+
+def channel_targets_for(spec: MultiTaskSpec, channels: Sequence[Sequence[BinaryChannel]] | None = None
+                        ) -> TaskChannelTargets:
+    """``TaskChannelTargets`` over COMBINED label values (what the batches hold): channel ``k`` of task
+    ``t`` is foreground on the combined values of its local classes; channels past a task's own are
+    unannotated for it."""
+    channels = task_binary_channels(spec) if channels is None else channels
+    width = max(len(c) for c in channels)
+    table = []
+    for task, chans in zip(spec.tasks, channels):
+        row = [[int(task.combined_labels[i]) for i in c.values] for c in chans]
+        table.append(row + [None] * (width - len(row)))
+    return TaskChannelTargets(table)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_plugins.architectures.cotr import WSConv3d
-from nnunet_plugins.architectures.dodnet import DoDNet, WSConv2d
+from nnunet_plugins.architectures.blocks.conv import WSConv2d, WSConv3d
+from nnunet_plugins.architectures.dodnet import DoDNet
 
 TINY = dict(features_per_stage=(8, 8, 16, 16, 16), blocks_per_stage=(1, 1, 1, 1, 1), norm_groups=4, head_channels=4)
 

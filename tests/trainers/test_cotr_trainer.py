@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from nnunet_plugins.architectures.cotr import CoTr
-from nnunet_plugins.planners.cotr import fit_cotr_patch
 from nnunet_plugins.trainers.cotr import CoTrTrainer
 
 TINY = {"stage_channels": [8, 24, 48, 48], "blocks_per_stage": [1, 1, 1], "num_heads": 4, "ffn_dim": 32,
@@ -78,7 +77,7 @@ def test_patch_is_fitted_and_recorded_in_the_plans(results_env):
     assert trainer.configuration_manager.patch_size == [16, 32, 64]
     # the plans the trainer copies into the model folder (read by nnUNetv2_predict) carry the fitted patch
     assert trainer.plans_manager.plans["configurations"]["3d_fullres"]["patch_size"] == [16, 32, 64]
-    assert fit_cotr_patch([8, 16, 16]) == [8, 16, 32], "a single deepest voxel cannot be instance-normalised"
+    assert CoTr.fit_patch([8, 16, 16]) == [8, 16, 32], "a single deepest voxel cannot be instance-normalised"
 
 
 def test_2d_configuration_is_a_clear_error(results_env):

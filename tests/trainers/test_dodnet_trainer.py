@@ -15,9 +15,9 @@ from nnunet_plugins.training.binary_channels import BinaryChannel, BinaryChannel
 from nnunet_plugins.multitask.metadata import MultiTaskSpec, TaskSpec
 from nnunet_plugins.multitask.prediction import MultiTaskPredictor, export_task_prediction, export_to_source
 from nnunet_plugins.trainers import DoDNetTrainer, TransDoDNetTrainer
-from nnunet_plugins.trainers.dodnet import (
-    WarmupPolyLRScheduler, channel_targets_for, fit_patch, task_binary_channels, warmup_epochs_for,
-)
+from nnunet_plugins.architectures.contract import fit_patch
+from nnunet_plugins.training.binary_channels import channel_targets_for, task_binary_channels
+from nnunet_plugins.training.lr_schedulers import WarmupPolyLRScheduler, warmup_epochs_for
 
 PLAIN = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
          "arch_kwargs": {}, "_kw_requires_import": []}
@@ -205,7 +205,8 @@ def test_compute_loss_masks_channels_a_task_does_not_annotate(results_env):
     seg[1, 0, 1, 3, 3] = 2
     task_id = torch.tensor([1, 0])
     logits = torch.randn(2, 2, 4, 6, 6, generator=g)
-    loss = trainer.compute_loss(logits, seg, task_id)
+    loss, log = trainer.compute_loss(logits, {"target": seg, "task_id": task_id})
+    assert log == {}
     target = np.zeros((2, 2, 4, 6, 6))
     target[0, 0] = seg[0, 0].numpy() == 3
     target[1, 0] = np.isin(seg[1, 0].numpy(), [1, 2])
@@ -216,7 +217,7 @@ def test_compute_loss_masks_channels_a_task_does_not_annotate(results_env):
     z = logits.clone()
     z[0, 1] = 20.0
     z.requires_grad_(True)
-    masked = trainer.compute_loss([z], [seg], task_id)     # deep-supervision lists are accepted too
+    masked, _ = trainer.compute_loss([z], {"target": [seg], "task_id": task_id})   # deep-supervision lists too
     assert masked.item() == pytest.approx(loss.item(), rel=1e-6)
     masked.backward()
     assert z.grad[0, 1].abs().sum() == 0 and z.grad[0, 0].abs().sum() > 0 and z.grad[1, 1].abs().sum() > 0
