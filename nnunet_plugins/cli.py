@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "nnunet_plugins.commands.multitask",
     "nnunet_plugins.commands.uniseg",
     "nnunet_plugins.commands.banet",
+    "nnunet_plugins.commands.checkpoints",
 )
 
 

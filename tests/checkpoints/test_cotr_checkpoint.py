@@ -7,32 +7,13 @@ from nnunet_plugins.checkpoints.common import CheckpointMismatch, unwrap_state_d
 from nnunet_plugins.checkpoints.cotr import (PREFIXES, convert_official_cotr_state_dict, convert_state_dict,
                                              load_official_cotr_weights)
 
+from official_names import COTR
 from checkpoint_helpers import assert_mismatches_named, assert_roundtrip, randomize, to_official
 
 TINY = dict(input_channels=1, num_classes=3, patch_size=(16, 32, 32), stage_channels=(8, 16, 24, 24),
             blocks_per_stage=(2, 1, 1), num_heads=2, ffn_dim=32, num_encoder_layers=2, num_points=2,
             official_axis_order=True)
 
-# ours -> official, from the official ResTranUnet / U_ResTran3D module tree (ResTranUnet.py):
-# backbone = ResNet(conv1, norm1, layer1..3 of ResBlock(conv1, norm1, downsample=[conv, norm])),
-# encoder_Detrans = DeformableTransformer(level_embed, encoder.layers), transposeconv_stage2..0,
-# stage2..0_de = ResBlock(resconv1, resconv2 = Conv-Norm-Act), ds2..0_cls_conv, cls_conv
-TABLE = [
-    (r"backbone\.stem\.conv\.weight", "backbone.conv1.weight"),
-    (r"backbone\.stem\.norm\.(weight|bias)", r"backbone.norm1.\1"),
-    (r"backbone\.stages\.(\d)\.(\d+)\.conv\.weight", lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.conv1.weight"),
-    (r"backbone\.stages\.(\d)\.(\d+)\.norm\.(weight|bias)",
-     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.norm1.{m[3]}"),
-    (r"backbone\.stages\.(\d)\.(\d+)\.shortcut\.([01])\.(weight|bias)",
-     lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.downsample.{m[3]}.{m[4]}"),
-    (r"transformer\.level_embed", "encoder_Detrans.level_embed"),
-    (r"transformer\.layers\.(.+)", r"encoder_Detrans.encoder.layers.\1"),
-    (r"decoder\.upconvs\.(\d)\.weight", lambda m: f"transposeconv_stage{2 - int(m[1])}.weight"),
-    (r"decoder\.blocks\.(\d)\.conv([12])\.(conv|norm)\.(weight|bias)",
-     lambda m: f"stage{2 - int(m[1])}_de.resconv{m[2]}.{m[3]}.{m[4]}"),
-    (r"decoder\.ds_heads\.(\d)\.(weight|bias)", lambda m: f"ds{2 - int(m[1])}_cls_conv.{m[2]}"),
-    (r"decoder\.seg_head\.(weight|bias)", r"cls_conv.\1"),
-]
 
 
 def _convert(official, network):
@@ -42,7 +23,7 @@ def _convert(official, network):
 def test_tiny_official_checkpoint_roundtrips_every_tensor_and_the_output():
     torch.manual_seed(0)
     source = randomize(CoTr(**TINY), 1)
-    official = {"state_dict": to_official(source, TABLE, prefix="module.U_ResTran3D.")}
+    official = {"state_dict": to_official(source, COTR, prefix="module.U_ResTran3D.")}
     x = torch.randn(1, 1, 16, 32, 32)
     assert_roundtrip(source, CoTr(**TINY), official, _convert, lambda net: net(x))
     # the same through the loader (checkpoint dict, official axis order required)
@@ -53,7 +34,7 @@ def test_tiny_official_checkpoint_roundtrips_every_tensor_and_the_output():
 
 def test_tiny_mismatches_are_named():
     source = randomize(CoTr(**TINY), 1)
-    official = to_official(source, TABLE)
+    official = to_official(source, COTR)
     assert_mismatches_named(official, CoTr(**TINY), convert_state_dict,
                             drop="ds1_cls_conv.bias", ours_of_drop="decoder.ds_heads.1.bias",
                             reshape="stage0_de.resconv2.conv.weight", ours_of_reshape="decoder.blocks.2.conv2.conv.weight")

@@ -5,26 +5,10 @@ from nnunet_plugins.architectures.dodnet import DoDNet
 from nnunet_plugins.checkpoints.common import unwrap_state_dict
 from nnunet_plugins.checkpoints.dodnet import convert_state_dict
 
+from official_names import DODNET
 from checkpoint_helpers import assert_mismatches_named, assert_roundtrip, randomize, to_official
 
 TINY = dict(num_tasks=3, features_per_stage=(8, 8, 16, 16, 16), blocks_per_stage=(1, 2, 1, 1, 1), norm_groups=4)
-# NoBottleneck's layers: gn1, conv1, gn2, conv2, downsample = [GN, ReLU, conv]
-INNER = {"norm1": "gn1", "norm2": "gn2", "conv1": "conv1", "conv2": "conv2", "shortcut.0": "downsample.0",
-         "shortcut.2": "downsample.2"}
-INNER_RE = r"(norm1|norm2|conv1|conv2|shortcut\.0|shortcut\.2)\.(weight|bias)"
-DECODER_SCALE = {0: 8, 1: 4, 2: 2, 3: 1}   # x8_resb (1/8 of the input) first
-
-# ours -> official, from unet3D: conv1, layer0..4 (NoBottleneck), fusionConv = [GN, ReLU, conv],
-# x8/x4/x2/x1_resb (one NoBottleneck each), precls_conv = [GN, ReLU, Conv3d], GAP = [GN, ReLU, pool], controller
-TABLE = [
-    (r"stem\.weight", "conv1.weight"),
-    (rf"encoder_stages\.(\d)\.(\d)\.{INNER_RE}", lambda m: f"layer{m[1]}.{m[2]}.{INNER[m[3]]}.{m[4]}"),
-    (r"fusion\.([02])\.(weight|bias)", r"fusionConv.\1.\2"),
-    (rf"decoder_blocks\.(\d)\.{INNER_RE}", lambda m: f"x{DECODER_SCALE[int(m[1])]}_resb.0.{INNER[m[2]]}.{m[3]}"),
-    (r"pre_head\.([02])\.(weight|bias)", r"precls_conv.\1.\2"),
-    (r"gap_norm\.(weight|bias)", r"GAP.0.\1"),
-    (r"controller\.(weight|bias)", r"controller.\1"),
-]
 
 
 def _convert(official, network):
@@ -35,14 +19,14 @@ def test_tiny_official_checkpoint_roundtrips_every_tensor_and_the_output():
     torch.manual_seed(0)
     source = randomize(DoDNet(**TINY), 1)
     # the FP16 training script's checkpoint: {'model': DataParallel state dict, 'optimizer', 'amp'}
-    official = {"model": to_official(source, TABLE, prefix="module."), "optimizer": {}, "amp": {}}
+    official = {"model": to_official(source, DODNET, prefix="module."), "optimizer": {}, "amp": {}}
     x = torch.randn(2, 1, 16, 16, 16)
     task = torch.tensor([2, 0])
     assert_roundtrip(source, DoDNet(**TINY), official, _convert, lambda net: net(x, task))
 
 
 def test_tiny_mismatches_are_named():
-    official = to_official(randomize(DoDNet(**TINY), 1), TABLE)
+    official = to_official(randomize(DoDNet(**TINY), 1), DODNET)
     assert_mismatches_named(official, DoDNet(**TINY), convert_state_dict,
                             drop="x2_resb.0.gn2.weight", ours_of_drop="decoder_blocks.2.norm2.weight",
                             reshape="controller.weight", ours_of_reshape="controller.weight")

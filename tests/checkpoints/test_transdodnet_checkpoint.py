@@ -6,6 +6,7 @@ from nnunet_plugins.architectures.transdodnet import TransDoDNet
 from nnunet_plugins.checkpoints.common import unwrap_state_dict
 from nnunet_plugins.checkpoints.transdodnet import PREFIXES, convert_state_dict
 
+from official_names import transdodnet
 from checkpoint_helpers import assert_mismatches_named, assert_roundtrip, randomize, to_official
 
 TINY = dict(num_tasks=3, stem_channels=8, backbone_planes=(4, 8, 8), backbone_blocks=(1, 2, 1), d_model=24, n_heads=4,
@@ -13,35 +14,6 @@ TINY = dict(num_tasks=3, stem_channels=8, backbone_planes=(4, 8, 8), backbone_bl
             decoder_channels=(8, 16, 16, 16), official_offset_normalizer=True, official_axis_order=True)
 
 
-def table(levels):
-    """ours -> official, from ResCNN_DeformTR (TransDoDNet.py), ResNet (ResCNN2.py) and DeformableTransformer
-    (deformable_transformer.py); ``levels`` = backbone levels (stem + stages), official 5."""
-    top = levels - 2   # the official decoder names its steps by level: stage3 (deepest skip) .. stage0
-    stem = {"0.0": "conv1", "0.1": "norm1", "1.0": "conv2", "1.1": "norm2"}
-    # DeformableTransformerDecoderLayer.forward_post: self-attention -> dropout2 -> norm2,
-    # cross-attention -> dropout1 -> norm1, FFN -> dropout4 -> norm3; ours are numbered in that order
-    decoder_norm = {"1": "norm2", "2": "norm1", "3": "norm3"}
-    return [
-        (r"backbone\.stem\.(\d\.\d)\.(weight|bias)", lambda m: f"backbone.{stem[m[1]]}.{m[2]}"),
-        (r"backbone\.stages\.(\d)\.(\d)\.shortcut\.([01])\.(weight|bias)",
-         lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.downsample.{m[3]}.{m[4]}"),
-        (r"backbone\.stages\.(\d)\.(\d)\.(.+)", lambda m: f"backbone.layer{int(m[1]) + 1}.{m[2]}.{m[3]}"),
-        (r"input_proj\.(.+)", r"input_proj.\1"),
-        (r"encoder\.level_embed", "transformer.level_embed"),
-        (r"encoder\.layers\.(.+)", r"transformer.encoder.layers.\1"),
-        (r"query_embed\.weight", "query_embed.weight"),
-        (r"reference_points\.(weight|bias)", r"transformer.reference_points.\1"),
-        (r"decoder_layers\.(\d)\.norm([123])\.(weight|bias)",
-         lambda m: f"transformer.decoder.layers.{m[1]}.{decoder_norm[m[2]]}.{m[3]}"),
-        (r"decoder_layers\.(\d)\.(.+)", r"transformer.decoder.layers.\1.\2"),
-        (r"controller\.(.+)", r"controller.\1"),
-        (r"memory_proj\.(.+)", r"memory_conv3_l0.\1"),
-        (r"bottleneck_proj\.(.+)", r"cnn_bottle.\1"),
-        (r"skip_projs\.(\d)\.(.+)", lambda m: f"shortcut_conv{top - int(m[1])}.{m[2]}"),
-        (r"upconvs\.(\d)\.weight", lambda m: f"transposeconv_stage{top - int(m[1])}.weight"),
-        (r"decoder_blocks\.(\d)\.(.+)", lambda m: f"stage{top - int(m[1])}_de.{m[2]}"),
-        (r"pre_head\.(.+)", r"precls_conv.\1"),
-    ]
 
 
 def _convert(official, network):
@@ -51,7 +23,7 @@ def _convert(official, network):
 def test_tiny_official_checkpoint_roundtrips_every_tensor_and_the_output():
     torch.manual_seed(0)
     source = randomize(TransDoDNet(**TINY), 1)
-    official = {"state_dict": to_official(source, table(4), prefix="module.ResCNN_DeformTR."), "epoch": 3}
+    official = {"state_dict": to_official(source, transdodnet(4), prefix="module.ResCNN_DeformTR."), "epoch": 3}
     x = torch.randn(2, 1, 16, 32, 32)
     task = torch.tensor([1, 2])
     assert_roundtrip(source, TransDoDNet(**TINY), official, _convert, lambda net: net.forward_all_tasks(x))
@@ -66,7 +38,7 @@ def test_decoder_layer_norms_are_mapped_by_meaning():
     """Our decoder layer with converted weights computes the official forward_post written out with the
     OFFICIAL names: norm2 after the self-attention, norm1 after the cross-attention, norm3 after the FFN."""
     torch.manual_seed(0)
-    official = to_official(randomize(TransDoDNet(**TINY), 3), table(4))
+    official = to_official(randomize(TransDoDNet(**TINY), 3), transdodnet(4))
     net = TransDoDNet(**TINY)
     net.load_state_dict(convert_state_dict(official, net))
     layer = net.decoder_layers[0].eval()
@@ -89,7 +61,7 @@ def test_decoder_layer_norms_are_mapped_by_meaning():
 
 
 def test_tiny_mismatches_are_named():
-    official = to_official(randomize(TransDoDNet(**TINY), 1), table(4))
+    official = to_official(randomize(TransDoDNet(**TINY), 1), transdodnet(4))
     assert_mismatches_named(official, TransDoDNet(**TINY), convert_state_dict,
                             drop="transformer.decoder.layers.1.norm1.bias", ours_of_drop="decoder_layers.1.norm2.bias",
                             reshape="shortcut_conv2.0.weight", ours_of_reshape="skip_projs.0.0.weight")
@@ -98,7 +70,7 @@ def test_tiny_mismatches_are_named():
 def test_official_configuration_names_and_count():
     """The official configuration (ResNet-50, 5 levels) in official names: 39,049,941 parameters, all placed."""
     net = TransDoDNet(official_offset_normalizer=True, official_axis_order=True)
-    official = to_official(net, table(5))
+    official = to_official(net, transdodnet(5))
     assert sum(v.numel() for v in official.values()) == 39_049_941
     for name in ("backbone.layer4.2.conv3.weight", "transformer.decoder.layers.2.norm1.weight", "shortcut_conv3.0.weight",
                  "stage0_de.norm2.bias", "transposeconv_stage3.weight", "memory_conv3_l0.1.weight", "cnn_bottle.0.weight"):

@@ -6,31 +6,14 @@ from nnunet_plugins.architectures.uniseg import UniSeg
 from nnunet_plugins.checkpoints.common import CheckpointMismatch, unwrap_state_dict
 from nnunet_plugins.checkpoints.uniseg import convert_state_dict, infer_official_architecture
 
+from official_names import UNISEG
+from official_names import V1_LAYER as LAYER
 from checkpoint_helpers import assert_mismatches_named, assert_roundtrip, randomize, to_official
 
 ARCH = dict(features_per_stage=[4, 8, 16], kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]],
             strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]], stem_channels=[1, 2, 4], official_generic_unet=True)
 PATCH = (8, 32, 32)
 
-# ours -> official (Prompt_generic_UNet.py: UniSeg_model(Generic_UNet)); 3 stages, 2 convs per stage:
-# conv_blocks_context.0 = StackedConvLayers_multi_channel (block 0: conv_1/conv_2/conv_4 + one instnorm),
-# conv_blocks_context.1, conv_blocks_context.2 = Sequential(StackedConvLayers(1 conv), StackedConvLayers(1 conv)),
-# conv_blocks_localization.u = Sequential(StackedConvLayers(1), StackedConvLayers(1)), tu.u, seg_outputs.u,
-# intermedia_prompt, fusion_layer = StackedFusionConvLayers (3 ConvDropoutNormNonlin blocks)
-LAYER = {"conv": "conv", "norm": "instnorm"}
-TABLE = [
-    (r"encoder\.stages\.0\.0\.convs\.0\.conv\.convs\.(\d)\.(weight|bias)", r"conv_blocks_context.0.blocks.0.conv_\1.\2"),
-    (r"encoder\.stages\.([01])\.0\.convs\.(\d)\.(conv|norm)\.(weight|bias)",
-     lambda m: f"conv_blocks_context.{m[1]}.blocks.{m[2]}.{LAYER[m[3]]}.{m[4]}"),
-    (r"encoder\.stages\.2\.0\.convs\.(\d)\.(conv|norm)\.(weight|bias)",
-     lambda m: f"conv_blocks_context.2.{m[1]}.blocks.0.{LAYER[m[2]]}.{m[3]}"),
-    (r"decoder\.stages\.(\d)\.convs\.(\d)\.(conv|norm)\.(weight|bias)",
-     lambda m: f"conv_blocks_localization.{m[1]}.{m[2]}.blocks.0.{LAYER[m[3]]}.{m[4]}"),
-    (r"decoder\.transpconvs\.(\d)\.weight", r"tu.\1.weight"),
-    (r"decoder\.seg_layers\.(\d)\.weight", r"seg_outputs.\1.weight"),
-    (r"universal_prompt", "intermedia_prompt"),
-    (r"fuse\.convs\.(\d)\.(conv|norm)\.(weight|bias)", lambda m: f"fusion_layer.blocks.{m[1]}.{LAYER[m[2]]}.{m[3]}"),
-]
 
 
 def uniseg():
@@ -45,13 +28,13 @@ def _convert(official, network):
 def test_tiny_official_checkpoint_roundtrips_every_tensor_and_the_output(channels):
     torch.manual_seed(0)
     source = randomize(uniseg(), 1)
-    official = {"state_dict": to_official(source, TABLE), "epoch": 1000, "plot_stuff": ([], [], [], [])}
+    official = {"state_dict": to_official(source, UNISEG), "epoch": 1000, "plot_stuff": ([], [], [], [])}
     x = torch.randn(2, channels, *PATCH)
     assert_roundtrip(source, uniseg(), official, _convert, lambda net: net(x, torch.tensor([1, 1])))
 
 
 def test_architecture_is_read_from_the_official_tensors():
-    official = to_official(randomize(uniseg(), 1), TABLE)
+    official = to_official(randomize(uniseg(), 1), UNISEG)
     arch = infer_official_architecture(official)
     assert (arch["num_tasks"], arch["num_classes"], arch["patch_size"]) == (2, 3, list(PATCH))
     kwargs = arch["arch_kwargs"]
@@ -63,7 +46,7 @@ def test_architecture_is_read_from_the_official_tensors():
 
 
 def test_tiny_mismatches_are_named():
-    official = to_official(randomize(uniseg(), 1), TABLE)
+    official = to_official(randomize(uniseg(), 1), UNISEG)
     assert_mismatches_named(official, uniseg(), convert_state_dict,
                             drop="conv_blocks_context.0.blocks.0.conv_4.weight",
                             ours_of_drop="encoder.stages.0.0.convs.0.conv.convs.4.weight",
@@ -77,7 +60,7 @@ def test_official_configuration_count():
               lambda m: f"conv_blocks_context.{m[1]}.blocks.{m[2]}.{LAYER[m[3]]}.{m[4]}"),
              (r"encoder\.stages\.5\.0\.convs\.(\d)\.(conv|norm)\.(weight|bias)",
               lambda m: f"conv_blocks_context.5.{m[1]}.blocks.0.{LAYER[m[2]]}.{m[3]}")]
-    official = to_official(net, TABLE[:1] + table + TABLE[3:])
+    official = to_official(net, UNISEG[:1] + table + UNISEG[3:])
     assert sum(v.numel() for v in official.values()) == 32_114_381
     assert official["tu.0.weight"].shape == (321, 320, 2, 2, 2)   # bottleneck + task prompt channel
     assert infer_official_architecture(official)["patch_size"] == [64, 192, 192]
