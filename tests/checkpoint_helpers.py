@@ -10,6 +10,12 @@ import re
 import pytest
 import torch
 
+import official_names as names
+from nnunet_plugins.architectures.banet import BANetPlainConvUNet
+from nnunet_plugins.architectures.cotr import CoTr
+from nnunet_plugins.architectures.dodnet import DoDNet
+from nnunet_plugins.architectures.transdodnet import TransDoDNet
+from nnunet_plugins.architectures.uniseg import UniSeg
 from nnunet_plugins.checkpoints.common import CheckpointMismatch
 
 
@@ -72,3 +78,39 @@ def assert_mismatches_named(official: dict, network: torch.nn.Module, convert, d
     wrong[reshape] = torch.zeros(*[s + 1 for s in official[reshape].shape])
     with pytest.raises(CheckpointMismatch, match=re.escape(ours_of_reshape) + ".*" + re.escape(reshape)):
         convert(wrong, network)
+
+
+# tiny configurations (constructor arguments) of every network with released weights
+TINY_COTR = dict(stage_channels=[8, 16, 24, 24], blocks_per_stage=[2, 1, 1], num_heads=2, ffn_dim=32, num_encoder_layers=2,
+            num_points=2)
+TINY_DODNET = dict(features_per_stage=[8, 8, 16, 16, 16], blocks_per_stage=[1, 2, 1, 1, 1], norm_groups=4)
+TINY_TRANSDODNET = dict(stem_channels=8, backbone_planes=[4, 8, 8], backbone_blocks=[1, 2, 1], d_model=24, n_heads=4,
+                   d_ffn=48, num_encoder_layers=2, num_decoder_layers=2, n_levels=2, n_points=2,
+                   decoder_channels=[8, 16, 16, 16])
+TINY_UNISEG = dict(features_per_stage=[4, 8, 16], kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]],
+              strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]], stem_channels=[1, 2, 4], official_generic_unet=True)
+TINY_BANET = dict(n_stages=3, features_per_stage=[4, 8, 16], conv_op=torch.nn.Conv3d, kernel_sizes=TINY_UNISEG["kernel_sizes"],
+             strides=TINY_UNISEG["strides"], n_conv_per_stage=2, n_conv_per_stage_decoder=2, conv_bias=True,
+             norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
+             nonlin_kwargs={"negative_slope": 1e-2, "inplace": True}, official_v1_layout=True)
+
+
+def official_checkpoints(n_in, n_labels, uniseg_classes, num_tasks, binary_channels):
+    """method -> (a tiny network of ours with random weights, its checkpoint in the official format (names of
+    tests/official_names.py, DataParallel 'module.' and wrapper prefixes), the arch kwargs a model folder needs).
+
+    Single-task networks: ``n_in`` channels, ``n_labels`` classes; multi-task: ``num_tasks`` tasks, UniSeg
+    ``uniseg_classes`` classes, DoDNet / TransDoDNet ``binary_channels`` outputs."""
+    torch.manual_seed(0)
+    nets = {
+        "banet": (BANetPlainConvUNet(n_in, num_classes=n_labels, **TINY_BANET), names.BANET, "", {}),
+        "cotr": (CoTr(n_in, n_labels, (16, 32, 32), official_axis_order=True, **TINY_COTR), names.COTR, "U_ResTran3D.", TINY_COTR),
+        "uniseg": (UniSeg(n_in, uniseg_classes, num_tasks, patch_size=(8, 32, 32), **TINY_UNISEG), names.UNISEG, "", {}),
+        "dodnet": (DoDNet(n_in, binary_channels, num_tasks, **TINY_DODNET), names.DODNET, "", TINY_DODNET),
+        "transdodnet": (TransDoDNet(n_in, binary_channels, num_tasks, official_offset_normalizer=True, official_axis_order=True,
+                                    **TINY_TRANSDODNET), names.transdodnet(4), "ResCNN_DeformTR.", TINY_TRANSDODNET),
+    }
+    out = {}
+    for seed, (method, (net, table, prefix, kwargs)) in enumerate(nets.items()):
+        out[method] = (randomize(net, seed), {"state_dict": to_official(net, table, "module." + prefix)}, kwargs)
+    return out

@@ -3,21 +3,12 @@
 The official checkpoints (Zenodo 7030423 KiPA22, 7030453 AMOS22) are ``torch.save`` dicts with
 ``state_dict`` (plus ``epoch``, ``optimizer_state_dict``, ``plot_stuff``, ...) of the official
 ``generic_BANetV2`` network: nnU-Net v1's ``Generic_UNet`` with strided-conv pooling, transposed-conv
-upsampling, instance norm, LeakyReLU(0.01), and a second (boundary) decoder. Its parameter names:
+upsampling, instance norm, LeakyReLU(0.01), and a second (boundary) decoder. Its parameter names are
+nnU-Net v1's (:mod:`nnunet_plugins.checkpoints.nnunet_v1`) plus the boundary decoder:
+``conv_blocks_boundary.{u}`` / ``tb.{u}`` / ``bdr_outputs.{u}`` -> ``boundary_decoder.stages.{u}`` /
+``boundary_decoder.transpconvs.{u}`` / ``boundary_decoder.seg_layers.{u}``.
 
-=================================================  ============================================
-official (v1)                                      ours (``BANetPlainConvUNet``, v1 layout)
-=================================================  ============================================
-conv_blocks_context.{d}.blocks.{i}.conv / instnorm  encoder.stages.{d}.0.convs.{i}.conv / norm
-conv_blocks_context.{last}.0.blocks.{i}             encoder.stages.{last}.0.convs.{i}
-conv_blocks_context.{last}.1.blocks.0               encoder.stages.{last}.0.convs.{n-1}
-conv_blocks_localization.{u}.0.blocks.{i}, .1...    decoder.stages.{u}.convs.{i}
-conv_blocks_boundary.{u}...                         boundary_decoder.stages.{u}.convs.{i}
-tu.{u} / tb.{u}                                     decoder.transpconvs.{u} / boundary_decoder.transpconvs.{u}
-seg_outputs.{u} / bdr_outputs.{u}                   decoder.seg_layers.{u} / boundary_decoder.seg_layers.{u}
-=================================================  ============================================
-
-``u`` counts decoder stages from the bottleneck in both. The architecture (stages, features, kernels,
+The architecture (stages, features, kernels,
 strides, convolutions per stage, classes, input channels, 2-D/3-D) is read from the checkpoint's tensor
 shapes, and the network is built with ``official_v1_layout=True`` (nnU-Net v1's decoder kernels, no bias
 in transposed and output convolutions; the network's default, written explicitly into the architecture
@@ -72,11 +63,6 @@ def build_network(architecture: dict, input_channels: int, num_classes: int) -> 
     return get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
                                   architecture["_kw_requires_import"], input_channels, num_classes,
                                   allow_init=False, deep_supervision=True)
-
-
-def official_to_ours_name(key: str, state: dict) -> str | None:
-    """Our parameter name for an official one of the checkpoint ``state`` (None: not a BA-Net parameter)."""
-    return V1UNetNames(state, STAGES, SINGLES)(key)
 
 
 def convert_state_dict(official: dict, network: torch.nn.Module) -> dict:

@@ -11,6 +11,7 @@ in addition.
 from __future__ import annotations
 
 import os
+import re
 from collections import defaultdict
 from typing import Callable, Mapping
 
@@ -84,6 +85,21 @@ def unwrap_state_dict(checkpoint, source: str = "checkpoint", prefixes: tuple[st
 
 def _is_state_dict(d: Mapping) -> bool:
     return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def rules_renamer(rules) -> Callable[[str], str | None]:
+    """``official name -> ours`` from ``rules``: (regex, replacement) pairs, the first whose regex matches the
+    WHOLE name wins; the replacement is an ``re`` template or a function of the match. None if no rule matches."""
+    compiled = [(re.compile(pattern), repl) for pattern, repl in rules]
+
+    def rename(key: str) -> str | None:
+        for pattern, repl in compiled:
+            m = pattern.fullmatch(key)
+            if m:
+                return repl(m) if callable(repl) else m.expand(repl)
+        return None
+
+    return rename
 
 
 def convert_with(official: Mapping[str, torch.Tensor], rename: Callable[[str], str | None],

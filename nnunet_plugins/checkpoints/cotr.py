@@ -20,46 +20,37 @@ built with ``official_axis_order=True`` (the model folder's plans say so).
 """
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from typing import Mapping
 
 import torch
 from torch import Tensor
 
-from nnunet_plugins.checkpoints.common import CheckpointMismatch, convert_with, read_checkpoint, unwrap_state_dict
+from nnunet_plugins.checkpoints.common import (
+    CheckpointMismatch, convert_with, read_checkpoint, rules_renamer, unwrap_state_dict,
+)
 
 #: official wrapper modules whose name prefixes every parameter
 PREFIXES = ("U_ResTran3D.",)
 #: constructor arguments of the official network beyond CoTr's defaults
 OFFICIAL_ARCH_KWARGS = {"official_axis_order": True}
 
-_RULES: list[tuple[re.Pattern, object]] = [
-    (re.compile(r"backbone\.conv1\.(.+)"), lambda m: f"backbone.stem.conv.{m[1]}"),
-    (re.compile(r"backbone\.norm1\.(.+)"), lambda m: f"backbone.stem.norm.{m[1]}"),
-    (re.compile(r"backbone\.layer([123])\.(\d+)\.conv1\.(.+)"),
-     lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}.conv.{m[3]}"),
-    (re.compile(r"backbone\.layer([123])\.(\d+)\.norm1\.(.+)"),
-     lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}.norm.{m[3]}"),
-    (re.compile(r"backbone\.layer([123])\.(\d+)\.downsample\.([01])\.(.+)"),
+#: official name (prefixes stripped) -> ours
+official_to_ours_name = rules_renamer([
+    (r"backbone\.conv1\.(.+)", r"backbone.stem.conv.\1"),
+    (r"backbone\.norm1\.(.+)", r"backbone.stem.norm.\1"),
+    (r"backbone\.layer([123])\.(\d+)\.conv1\.(.+)", lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}.conv.{m[3]}"),
+    (r"backbone\.layer([123])\.(\d+)\.norm1\.(.+)", lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}.norm.{m[3]}"),
+    (r"backbone\.layer([123])\.(\d+)\.downsample\.([01])\.(.+)",
      lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}.shortcut.{m[3]}.{m[4]}"),
-    (re.compile(r"encoder_Detrans\.level_embed"), lambda m: "transformer.level_embed"),
-    (re.compile(r"encoder_Detrans\.encoder\.layers\.(\d+)\.(.+)"), lambda m: f"transformer.layers.{m[1]}.{m[2]}"),
-    (re.compile(r"transposeconv_stage([012])\.(.+)"), lambda m: f"decoder.upconvs.{2 - int(m[1])}.{m[2]}"),
-    (re.compile(r"stage([012])_de\.resconv([12])\.(conv|norm)\.(.+)"),
+    (r"encoder_Detrans\.level_embed", "transformer.level_embed"),
+    (r"encoder_Detrans\.encoder\.layers\.(\d+)\.(.+)", r"transformer.layers.\1.\2"),
+    (r"transposeconv_stage([012])\.(.+)", lambda m: f"decoder.upconvs.{2 - int(m[1])}.{m[2]}"),
+    (r"stage([012])_de\.resconv([12])\.(conv|norm)\.(.+)",
      lambda m: f"decoder.blocks.{2 - int(m[1])}.conv{m[2]}.{m[3]}.{m[4]}"),
-    (re.compile(r"ds([012])_cls_conv\.(.+)"), lambda m: f"decoder.ds_heads.{2 - int(m[1])}.{m[2]}"),
-    (re.compile(r"cls_conv\.(.+)"), lambda m: f"decoder.seg_head.{m[1]}"),
-]
-
-
-def official_to_ours_name(key: str) -> str | None:
-    """Our name for an official CoTr parameter name (prefixes already stripped); None if it is none."""
-    for pattern, rename in _RULES:
-        m = pattern.fullmatch(key)
-        if m:
-            return rename(m)
-    return None
+    (r"ds([012])_cls_conv\.(.+)", lambda m: f"decoder.ds_heads.{2 - int(m[1])}.{m[2]}"),
+    (r"cls_conv\.(.+)", r"decoder.seg_head.\1"),
+])
 
 
 def convert_state_dict(official: Mapping[str, Tensor], network: torch.nn.Module) -> dict:

@@ -24,46 +24,35 @@ configuration (weight-standardised convs, 16 groups, 7 tasks, 2 outputs); its ``
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import torch
 from torch import Tensor
 
-from nnunet_plugins.checkpoints.common import convert_with
+from nnunet_plugins.checkpoints.common import convert_with, rules_renamer
 
 #: constructor arguments of the official network beyond DoDNet's defaults (none: the defaults are official)
 OFFICIAL_ARCH_KWARGS: dict = {}
 
+#: NoBottleneck's layers -> ours (PreActResidualBlock)
 _BLOCK = {"gn1": "norm1", "conv1": "conv1", "gn2": "norm2", "conv2": "conv2", "downsample.0": "shortcut.0",
           "downsample.2": "shortcut.2"}
-_BLOCK_RE = re.compile(r"(gn1|conv1|gn2|conv2|downsample\.0|downsample\.2)\.(weight|bias)")
-_DECODER = re.compile(r"x(\d+)_resb\.0\.(.+)")
-_SIMPLE = {"conv1.weight": "stem.weight", "fusionConv.0.weight": "fusion.0.weight", "fusionConv.0.bias": "fusion.0.bias",
-           "fusionConv.2.weight": "fusion.2.weight", "GAP.0.weight": "gap_norm.weight", "GAP.0.bias": "gap_norm.bias",
-           "controller.weight": "controller.weight", "controller.bias": "controller.bias"}
-_SEQ = re.compile(r"precls_conv\.([02])\.(weight|bias)")
+_BLOCK_RE = r"(gn1|conv1|gn2|conv2|downsample\.0|downsample\.2)\.(weight|bias)"
 
 
 def official_names(num_stages: int = 5):
     """Callable ``official name -> ours or None`` for a DoDNet with ``num_stages`` encoder stages."""
-    scales = {2 ** (num_stages - 2 - i): i for i in range(num_stages - 1)}
-
-    def rename(key: str) -> str | None:
-        if key in _SIMPLE:
-            return _SIMPLE[key]
-        if m := _SEQ.fullmatch(key):
-            return f"pre_head.{m[1]}.{m[2]}"
-        if m := re.fullmatch(r"layer(\d+)\.(\d+)\.(.+)", key):
-            inner = _BLOCK_RE.fullmatch(m[3])
-            return f"encoder_stages.{m[1]}.{m[2]}.{_BLOCK[inner[1]]}.{inner[2]}" if inner else None
-        if m := _DECODER.fullmatch(key):
-            inner = _BLOCK_RE.fullmatch(m[2])
-            if inner and int(m[1]) in scales:
-                return f"decoder_blocks.{scales[int(m[1])]}.{_BLOCK[inner[1]]}.{inner[2]}"
-        return None
-
-    return rename
+    scales = {str(2 ** (num_stages - 2 - i)): i for i in range(num_stages - 1)}  # x8_resb -> decoder_blocks.0 ...
+    return rules_renamer([
+        (r"conv1\.weight", "stem.weight"),
+        (rf"layer(\d+)\.(\d+)\.{_BLOCK_RE}", lambda m: f"encoder_stages.{m[1]}.{m[2]}.{_BLOCK[m[3]]}.{m[4]}"),
+        (r"fusionConv\.([02])\.(weight|bias)", r"fusion.\1.\2"),
+        (rf"x({'|'.join(scales)})_resb\.0\.{_BLOCK_RE}",
+         lambda m: f"decoder_blocks.{scales[m[1]]}.{_BLOCK[m[2]]}.{m[3]}"),
+        (r"precls_conv\.([02])\.(weight|bias)", r"pre_head.\1.\2"),
+        (r"GAP\.0\.(weight|bias)", r"gap_norm.\1"),
+        (r"controller\.(weight|bias)", r"controller.\1"),
+    ])
 
 
 def convert_state_dict(official: Mapping[str, Tensor], network: torch.nn.Module) -> dict:

@@ -39,62 +39,46 @@ trained with ``add_memory=1`` carries tensors our ``memory_fusion="transformer"`
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import torch
 from torch import Tensor
 
-from nnunet_plugins.checkpoints.common import convert_with
+from nnunet_plugins.checkpoints.common import convert_with, rules_renamer
 
 PREFIXES = ("ResCNN_DeformTR.",)
 OFFICIAL_ARCH_KWARGS = {"official_offset_normalizer": True, "official_axis_order": True}
 
 _DECODER_LAYER_NORMS = {"norm1": "norm2", "norm2": "norm1", "norm3": "norm3"}
 _STEM = {"conv1": "stem.0.0", "norm1": "stem.0.1", "conv2": "stem.1.0", "norm2": "stem.1.1"}
-_PREFIX_SAME = ("input_proj.", "query_embed.", "controller.")
 
 
 def official_names(num_levels: int = 5):
     """Callable ``official name -> ours or None`` for a TransDoDNet whose backbone has ``num_levels``
     levels (stem + stages)."""
-    def up(level: str) -> int:
+    def up(level: str) -> int:  # the official decoder names its steps by level (deepest skip first)
         return num_levels - 2 - int(level)
 
-    def rename(key: str) -> str | None:
-        if key.startswith(_PREFIX_SAME):
-            return key
-        if m := re.fullmatch(r"backbone\.(conv1|norm1|conv2|norm2)\.(weight|bias)", key):
-            return f"backbone.{_STEM[m[1]]}.{m[2]}"
-        if m := re.fullmatch(r"backbone\.layer(\d+)\.(\d+)\.(conv[123]|norm[123])\.(weight|bias)", key):
-            return f"backbone.stages.{int(m[1]) - 1}.{m[2]}.{m[3]}.{m[4]}"
-        if m := re.fullmatch(r"backbone\.layer(\d+)\.(\d+)\.downsample\.([01])\.(weight|bias)", key):
-            return f"backbone.stages.{int(m[1]) - 1}.{m[2]}.shortcut.{m[3]}.{m[4]}"
-        if key == "transformer.level_embed":
-            return "encoder.level_embed"
-        if m := re.fullmatch(r"transformer\.encoder\.layers\.(\d+)\.(.+)", key):
-            return f"encoder.layers.{m[1]}.{m[2]}"
-        if m := re.fullmatch(r"transformer\.reference_points\.(weight|bias)", key):
-            return f"reference_points.{m[1]}"
-        if m := re.fullmatch(r"transformer\.decoder\.layers\.(\d+)\.(norm[123])\.(weight|bias)", key):
-            return f"decoder_layers.{m[1]}.{_DECODER_LAYER_NORMS[m[2]]}.{m[3]}"
-        if m := re.fullmatch(r"transformer\.decoder\.layers\.(\d+)\.((?:self_attn|cross_attn|linear[12])\..+)", key):
-            return f"decoder_layers.{m[1]}.{m[2]}"
-        if m := re.fullmatch(r"memory_conv3_l0\.([01])\.(weight|bias)", key):
-            return f"memory_proj.{m[1]}.{m[2]}"
-        if m := re.fullmatch(r"cnn_bottle\.([01])\.(weight|bias)", key):
-            return f"bottleneck_proj.{m[1]}.{m[2]}"
-        if m := re.fullmatch(r"shortcut_conv(\d+)\.([01])\.(weight|bias)", key):
-            return f"skip_projs.{up(m[1])}.{m[2]}.{m[3]}"
-        if m := re.fullmatch(r"transposeconv_stage(\d+)\.weight", key):
-            return f"upconvs.{up(m[1])}.weight"
-        if m := re.fullmatch(r"stage(\d+)_de\.(conv[12]|norm[12])\.(weight|bias)", key):
-            return f"decoder_blocks.{up(m[1])}.{m[2]}.{m[3]}"
-        if m := re.fullmatch(r"precls_conv\.([01])\.(weight|bias)", key):
-            return f"pre_head.{m[1]}.{m[2]}"
-        return None
-
-    return rename
+    return rules_renamer([
+        (r"(input_proj|query_embed|controller)\.(.+)", r"\1.\2"),
+        (r"backbone\.(conv1|norm1|conv2|norm2)\.(weight|bias)", lambda m: f"backbone.{_STEM[m[1]]}.{m[2]}"),
+        (r"backbone\.layer(\d+)\.(\d+)\.(conv[123]|norm[123])\.(weight|bias)",
+         lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}.{m[3]}.{m[4]}"),
+        (r"backbone\.layer(\d+)\.(\d+)\.downsample\.([01])\.(weight|bias)",
+         lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}.shortcut.{m[3]}.{m[4]}"),
+        (r"transformer\.level_embed", "encoder.level_embed"),
+        (r"transformer\.encoder\.layers\.(\d+)\.(.+)", r"encoder.layers.\1.\2"),
+        (r"transformer\.reference_points\.(weight|bias)", r"reference_points.\1"),
+        (r"transformer\.decoder\.layers\.(\d+)\.(norm[123])\.(weight|bias)",
+         lambda m: f"decoder_layers.{m[1]}.{_DECODER_LAYER_NORMS[m[2]]}.{m[3]}"),
+        (r"transformer\.decoder\.layers\.(\d+)\.((?:self_attn|cross_attn|linear[12])\..+)", r"decoder_layers.\1.\2"),
+        (r"memory_conv3_l0\.([01])\.(weight|bias)", r"memory_proj.\1.\2"),
+        (r"cnn_bottle\.([01])\.(weight|bias)", r"bottleneck_proj.\1.\2"),
+        (r"shortcut_conv(\d+)\.([01])\.(weight|bias)", lambda m: f"skip_projs.{up(m[1])}.{m[2]}.{m[3]}"),
+        (r"transposeconv_stage(\d+)\.weight", lambda m: f"upconvs.{up(m[1])}.weight"),
+        (r"stage(\d+)_de\.(conv[12]|norm[12])\.(weight|bias)", lambda m: f"decoder_blocks.{up(m[1])}.{m[2]}.{m[3]}"),
+        (r"precls_conv\.([01])\.(weight|bias)", r"pre_head.\1.\2"),
+    ])
 
 
 def convert_state_dict(official: Mapping[str, Tensor], network: torch.nn.Module) -> dict:

@@ -10,7 +10,6 @@ checkpoint gives the network (see ``nnunet_plugins.checkpoints.model_folder``).
 """
 from __future__ import annotations
 
-import json
 
 
 def add_parser(subparsers) -> None:
@@ -37,14 +36,9 @@ def run(args) -> int:
     from nnunet_plugins.checkpoints import MULTITASK, TRAINERS
     from nnunet_plugins.checkpoints.model_folder import write_model_folder
 
-    arch_kwargs = None
-    if args.arch_kwargs:
-        try:
-            arch_kwargs = json.loads(args.arch_kwargs)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--arch-kwargs is not valid JSON: {e}") from e
-        if not isinstance(arch_kwargs, dict):
-            raise ValueError("--arch-kwargs must be a JSON object")
+    from nnunet_plugins.commands import arch_kwargs_option
+
+    arch_kwargs = arch_kwargs_option(args.arch_kwargs)
     model = write_model_folder(args.method, args.input, args.dataset, args.configuration, args.plans, args.fold,
                                arch_kwargs, args.allow_pickle, args.overwrite)
     print(f"wrote {model}/fold_{args.fold}/checkpoint_final.pth")

@@ -1,15 +1,7 @@
 """``nnunet-plugins uniseg-backbone``: fine-tune a UniSeg backbone on a new dataset with stock nnU-Net.
 
-UniSeg's downstream use (paper Sec. 3 "as a strong representation learner"; official
-``UniSeg_Trainer_DS``): drop the prompt, keep encoder and decoder, fine-tune on one dataset. A
-UniSeg trained by ``UniSegTrainer`` is nnU-Net's ``PlainConvUNet`` plus the prompt parts, so its
-backbone converts 1:1 into ``PlainConvUNet`` weights:
-
-* the stem convolution of the downstream dataset's channel count becomes the stem;
-* the first transposed convolution drops its last input channel (the task prompt), as the official
-  downstream trainer does;
-* the universal prompt and FUSE are dropped; segmentation heads are left to nnU-Net (its
-  ``-pretrained_weights`` loader never transfers them).
+Drops the prompt and FUSE of a UniSeg trained by ``UniSegTrainer`` and converts its backbone 1:1 into
+nnU-Net ``PlainConvUNet`` weights (see :mod:`nnunet_plugins.checkpoints.uniseg`).
 
 The command writes (1) the backbone as an nnU-Net-style checkpoint for ``nnUNetv2_train
 -pretrained_weights`` and (2) plans for the downstream dataset (its own spacing, normalisation and

@@ -10,18 +10,14 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from multitask_helpers import toy_spec
-from nnunet_plugins.architectures.banet import BANetPlainConvUNet
-from nnunet_plugins.architectures.cotr import CoTr
 from nnunet_plugins.architectures.dodnet import DoDNet
-from nnunet_plugins.architectures.transdodnet import TransDoDNet
-from nnunet_plugins.architectures.uniseg import UniSeg
 from nnunet_plugins.checkpoints.common import CheckpointMismatch
 from nnunet_plugins.checkpoints.model_folder import write_model_folder
 from nnunet_plugins.cli import main as cli_main
 from nnunet_plugins.multitask.prediction import MultiTaskPredictor
 
 import official_names as names
-from checkpoint_helpers import randomize, to_official
+from checkpoint_helpers import TINY_DODNET, official_checkpoints, randomize, to_official
 
 DATASET = "Dataset020_Ckpt"
 # task A: 1 channel, background + 2 classes (2 binary channels); task B: 2 channels, background + 1 class
@@ -30,40 +26,9 @@ SPEC = dataclasses.replace(SPEC, tasks=tuple(dataclasses.replace(t, source_label
                                              for t in SPEC.tasks))   # source labels: one binary channel per label
 N_IN, N_LABELS = 2, 4                   # combined labels 0..3
 PATCH = [16, 40, 40]                    # fits none of the networks: the writer rounds it
-COTR = dict(stage_channels=[8, 16, 24, 24], blocks_per_stage=[2, 1, 1], num_heads=2, ffn_dim=32, num_encoder_layers=2,
-            num_points=2)
-DODNET = dict(features_per_stage=[8, 8, 16, 16, 16], blocks_per_stage=[1, 2, 1, 1, 1], norm_groups=4)
-TRANSDODNET = dict(stem_channels=8, backbone_planes=[4, 8, 8], backbone_blocks=[1, 2, 1], d_model=24, n_heads=4,
-                   d_ffn=48, num_encoder_layers=2, num_decoder_layers=2, n_levels=2, n_points=2,
-                   decoder_channels=[8, 16, 16, 16])
-UNISEG = dict(features_per_stage=[4, 8, 16], kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]],
-              strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]], stem_channels=[1, 2, 4], official_generic_unet=True)
-BANET = dict(n_stages=3, features_per_stage=[4, 8, 16], conv_op=torch.nn.Conv3d, kernel_sizes=UNISEG["kernel_sizes"],
-             strides=UNISEG["strides"], n_conv_per_stage=2, n_conv_per_stage_decoder=2, conv_bias=True,
-             norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
-             nonlin_kwargs={"negative_slope": 1e-2, "inplace": True}, official_v1_layout=True)
-
-
-def official_checkpoints():
-    """method -> (our source network with random weights, its official-format checkpoint dict, arch kwargs)."""
-    torch.manual_seed(0)
-    nets = {
-        "banet": (BANetPlainConvUNet(N_IN, num_classes=N_LABELS, **BANET), names.BANET, "", {}),
-        "cotr": (CoTr(N_IN, N_LABELS, (16, 32, 32), official_axis_order=True, **COTR), names.COTR, "U_ResTran3D.", COTR),
-        "uniseg": (UniSeg(N_IN, 3, 2, patch_size=(8, 32, 32), **UNISEG), names.UNISEG, "", {}),
-        "dodnet": (DoDNet(N_IN, 2, 2, **DODNET), names.DODNET, "", DODNET),
-        "transdodnet": (TransDoDNet(N_IN, 2, 2, official_offset_normalizer=True, official_axis_order=True,
-                                    **TRANSDODNET), names.transdodnet(4), "ResCNN_DeformTR.", TRANSDODNET),
-    }
-    out = {}
-    for seed, (method, (net, table, prefix, kwargs)) in enumerate(nets.items()):
-        out[method] = (randomize(net, seed), {"state_dict": to_official(net, table, "module." + prefix)}, kwargs)
-    return out
-
-
 @pytest.fixture(scope="module")
 def checkpoints():
-    return official_checkpoints()
+    return official_checkpoints(N_IN, N_LABELS, uniseg_classes=3, num_tasks=2, binary_channels=2)
 
 
 def make_dataset(root) -> str:
@@ -160,11 +125,11 @@ def test_model_folder_is_what_nnunets_predictor_loads(method, checkpoints, env, 
 
 def test_errors_name_what_does_not_fit(checkpoints, env):
     # a DoDNet checkpoint with 3 tasks for a 2-task dataset: the controller does not fit, the hint says why
-    net = randomize(DoDNet(N_IN, 2, 3, **DODNET), 0)
+    net = randomize(DoDNet(N_IN, 2, 3, **TINY_DODNET), 0)
     path = str(env["tmp"] / "dod3.pth")
     torch.save({"model": to_official(net, names.DODNET)}, path)
     with pytest.raises(CheckpointMismatch, match=r"controller\.weight.*2 task\(s\) \['A', 'B'\]"):
-        write_model_folder("dodnet", path, 20, "3d_fullres", arch_kwargs=DODNET)
+        write_model_folder("dodnet", path, 20, "3d_fullres", arch_kwargs=TINY_DODNET)
     assert not os.path.exists(env["tmp"] / "nnUNet_results" / DATASET)   # nothing half-written
 
     source, official, kwargs = checkpoints["cotr"]
