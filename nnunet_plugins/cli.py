@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "nnunet_plugins.commands.banet",
     "nnunet_plugins.commands.metrics",
     "nnunet_plugins.commands.semi",
+    "nnunet_plugins.commands.checkpoints",
 )
 
 

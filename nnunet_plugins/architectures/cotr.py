@@ -34,7 +34,7 @@ Decisions
 ---------
 * Axis order of the deformable attention: geometrically correct by default; the official code's
   ``(d, w, h)`` reference points handed to ``grid_sample`` (which reads ``(w, h, d)``) are reproduced
-  with ``official_axis_order=True`` (e.g. to run official checkpoints, :func:`load_official_cotr_weights`).
+  with ``official_axis_order=True`` (e.g. to run official checkpoints, :mod:`nnunet_plugins.checkpoints.cotr`).
 * Defaults follow the official training run (``run_training.py``): instance norm with affine
   parameters and LeakyReLU(0.01).
 * Initialisation as the official code: Kaiming-normal (``fan_out``) for the CNN encoder's and the
@@ -44,11 +44,8 @@ Decisions
 """
 from __future__ import annotations
 
-import re
-from collections import OrderedDict
-from typing import Mapping, Sequence
+from typing import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -57,7 +54,7 @@ from nnunet_plugins.architectures.blocks.conv import ConvNormFactory, WSConv3d  
 from nnunet_plugins.architectures.blocks.deformable_attention import DeformableTransformerEncoder3D, position_encoding_split
 from nnunet_plugins.architectures.contract import DecoderDeepSupervision, PlansNetwork, conv_output_size, strided
 
-__all__ = ["CoTr", "convert_official_cotr_state_dict", "load_official_cotr_weights"]
+__all__ = ["CoTr", "WSConv3d"]
 
 
 _NORMS = {"instance": "instance", "in": "instance", "batch": "batch", "bn": "batch", "group": "group", "gn": "group"}
@@ -307,80 +304,3 @@ class CoTr(PlansNetwork, DecoderDeepSupervision, nn.Module):
         t2, t3 = self.transformer(levels[2:])
         return self.decoder(t3, [t2, levels[1], levels[0]])
 
-
-# ----------------------------------------------------------------------------------------------
-# official checkpoints
-# ----------------------------------------------------------------------------------------------
-# official parameter name (after the optional "module." / "U_ResTran3D." prefixes) -> ours
-_OFFICIAL_RULES: list[tuple[re.Pattern, object]] = [
-    (re.compile(r"backbone\.conv1\.(.+)"), lambda m: f"backbone.stem.conv.{m[1]}"),
-    (re.compile(r"backbone\.norm1\.(.+)"), lambda m: f"backbone.stem.norm.{m[1]}"),
-    (re.compile(r"backbone\.layer([123])\.(\d+)\.conv1\.(.+)"),
-     lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}.conv.{m[3]}"),
-    (re.compile(r"backbone\.layer([123])\.(\d+)\.norm1\.(.+)"),
-     lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}.norm.{m[3]}"),
-    (re.compile(r"backbone\.layer([123])\.(\d+)\.downsample\.([01])\.(.+)"),
-     lambda m: f"backbone.stages.{int(m[1]) - 1}.{m[2]}.shortcut.{m[3]}.{m[4]}"),
-    (re.compile(r"encoder_Detrans\.level_embed"), lambda m: "transformer.level_embed"),
-    (re.compile(r"encoder_Detrans\.encoder\.layers\.(\d+)\.(.+)"), lambda m: f"transformer.layers.{m[1]}.{m[2]}"),
-    (re.compile(r"transposeconv_stage([012])\.(.+)"), lambda m: f"decoder.upconvs.{2 - int(m[1])}.{m[2]}"),
-    (re.compile(r"stage([012])_de\.resconv([12])\.(conv|norm)\.(.+)"),
-     lambda m: f"decoder.blocks.{2 - int(m[1])}.conv{m[2]}.{m[3]}.{m[4]}"),
-    (re.compile(r"ds([012])_cls_conv\.(.+)"), lambda m: f"decoder.ds_heads.{2 - int(m[1])}.{m[2]}"),
-    (re.compile(r"cls_conv\.(.+)"), lambda m: f"decoder.seg_head.{m[1]}"),
-]
-
-
-def convert_official_cotr_state_dict(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Tensor]":
-    """Rename an official CoTr (``ResTranUnet``) state dict to this module's parameter names.
-
-    Accepts the keys with or without the ``module.`` (DataParallel) and ``U_ResTran3D.`` prefixes.
-    Raises KeyError listing every key that is not a CoTr parameter.
-    """
-    out: OrderedDict[str, Tensor] = OrderedDict()
-    unknown = []
-    for key, value in state_dict.items():
-        name = key[len("module."):] if key.startswith("module.") else key
-        name = name[len("U_ResTran3D."):] if name.startswith("U_ResTran3D.") else name
-        for pattern, rename in _OFFICIAL_RULES:
-            m = pattern.fullmatch(name)
-            if m:
-                out[rename(m)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise KeyError(f"{len(unknown)} keys are not parameters of the official CoTr network, e.g. "
-                       f"{unknown[:5]}")
-    return out
-
-
-def load_official_cotr_weights(model: CoTr, checkpoint, *, allow_axis_order_mismatch: bool = False) -> None:
-    """Load official CoTr weights (a state dict, an nnU-Net v1 checkpoint dict with ``state_dict``, or
-    a path to one) into ``model``; strict, with a clear error listing missing/unexpected keys and
-    shape mismatches.
-
-    Official weights were trained with the official axis order, so ``model`` must be built with
-    ``official_axis_order=True`` unless ``allow_axis_order_mismatch`` (e.g. for fine-tuning).
-    """
-    if not model.official_axis_order and not allow_axis_order_mismatch:
-        raise ValueError("official CoTr weights expect the official deformable-attention axis order: build "
-                         "CoTr(..., official_axis_order=True) or pass allow_axis_order_mismatch=True")
-    where = ""
-    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-        where = f" ({checkpoint})"
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
-        checkpoint = checkpoint["state_dict"]
-    converted = convert_official_cotr_state_dict(checkpoint)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(converted))
-    unexpected = sorted(set(converted) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in converted and tuple(converted[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        raise ValueError(f"official CoTr checkpoint{where} does not fit this CoTr: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), "
-                         f"unexpected {unexpected[:5]} ({len(unexpected)}), "
-                         f"shape mismatches {shapes[:5]} ({len(shapes)})")
-    model.load_state_dict(converted, strict=True)

@@ -7,6 +7,7 @@
 * ``nnunet-plugins banet convert -i model_final_checkpoint.model -o banet.pth``: convert an official
   BA-Net checkpoint (nnU-Net v1) into our network's state dict (``BANetPlainConvUNet`` with
   ``official_v1_layout``); fails with the names of the tensors that do not fit.
+  (``nnunet-plugins convert-checkpoint banet`` writes a complete nnU-Net model folder from it instead.)
 """
 from __future__ import annotations
 

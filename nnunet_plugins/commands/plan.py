@@ -82,14 +82,9 @@ def plan_dataset(dataset: str | int, method: str, *, plans_name: str | None = No
 
 
 def run(args) -> int:
-    arch_kwargs = None
-    if args.arch_kwargs:
-        try:
-            arch_kwargs = json.loads(args.arch_kwargs)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--arch-kwargs is not valid JSON: {e}") from e
-        if not isinstance(arch_kwargs, dict):
-            raise ValueError("--arch-kwargs must be a JSON object")
+    from nnunet_plugins.commands import arch_kwargs_option
+
+    arch_kwargs = arch_kwargs_option(args.arch_kwargs)
     plans, identifier = plan_dataset(args.dataset, args.method, plans_name=args.plans_name,
                                      gpu_memory_target=args.gpu_memory_target, patch_size=args.patch_size,
                                      batch_size=args.batch_size, arch_kwargs=arch_kwargs,

@@ -6,7 +6,7 @@ from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 from torch import nn
 
 from nnunet_plugins.architectures.uniseg import UniSeg
-from nnunet_plugins.commands.uniseg import uniseg_backbone_state_dict
+from nnunet_plugins.checkpoints.uniseg import uniseg_backbone_state_dict
 
 ARCH = dict(features_per_stage=(4, 8, 16), kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3)),
             strides=((1, 1, 1), (1, 2, 2), (2, 2, 2)))
