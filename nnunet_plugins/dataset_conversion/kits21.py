@@ -25,9 +25,10 @@ import re
 
 import numpy as np
 
-from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, ChallengeError, Geometry, ReleaseLayoutError,
-                     build_dataset, check_affine, check_complete, check_geometry, check_label_values, list_images,
-                     nifti_array, place_nifti_file, read_nifti, read_sitk, write_like, write_nifti, write_sitk)
+from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, Challenge, ChallengeError, Geometry, Option,
+                     ReleaseLayoutError, build_dataset, check_affine, check_complete, check_extra, check_geometry,
+                     check_label_values, list_images, load_file, nifti_array, open_nifti, place_nifti_file,
+                     prepare_output_folder, read_sitk, run_parallel, write_like, write_nifti, write_sitk)
 
 CHALLENGE = "kits21"
 DEFAULT_DATASET_ID = 135
@@ -92,12 +93,13 @@ def find_case_folders(release_dir: str) -> tuple[str, list[str]]:
 
 
 def convert_case(dataset_dir: str, case: str, image: str, label: str, tolerance: float) -> None:
-    img = read_nifti(case, image)
-    seg = read_nifti(case, label)
-    check_affine(case, image, img, label, seg, tolerance)
-    check_label_values(case, label, nifti_array(case, label, seg), LABELS)
-    place_nifti_file(case, label, os.path.join(dataset_dir, "labelsTr", f"{case}.nii.gz"), img, tolerance, image)
-    place_nifti_file(case, image, os.path.join(dataset_dir, "imagesTr", f"{case}_0000.nii.gz"))
+    img = load_file(case, image, "image")
+    seg = load_file(case, label, "label")
+    check_affine(case, image, img.nifti, label, seg.nifti, tolerance)
+    check_label_values(case, label, seg.array(), LABELS)
+    place_nifti_file(case, label, os.path.join(dataset_dir, "labelsTr", f"{case}.nii.gz"), img.nifti, tolerance,
+                     image, loaded=seg, what="label")
+    place_nifti_file(case, image, os.path.join(dataset_dir, "imagesTr", f"{case}_0000.nii.gz"), loaded=img)
 
 
 def convert(release_dir: str, raw: str | None = None, dataset_id: int = DEFAULT_DATASET_ID,
@@ -115,10 +117,10 @@ def convert(release_dir: str, raw: str | None = None, dataset_id: int = DEFAULT_
                            (label, f"label {LABEL_FILES[label_source]}")):
             if not os.path.isfile(path):
                 raise CaseError(case, path, f"missing {what}")
-        jobs.append(CaseJob(case, f"{__name__}:convert_case",
+        jobs.append(CaseJob(case, convert_case,
                             {"case": case, "image": image, "label": label, "tolerance": tolerance},
                             [os.path.join("imagesTr", f"{case}_0000.nii.gz"),
-                             os.path.join("labelsTr", f"{case}.nii.gz")]))
+                             os.path.join("labelsTr", f"{case}.nii.gz")], [image, label]))
     return build_dataset(raw, dataset_id, name, jobs, dataset_json(len(jobs), label_source),
                          num_processes=num_processes, overwrite=overwrite, progress=progress)
 
@@ -143,12 +145,12 @@ def kits_nifti_to_mha(case: str, nifti_path: str, reference_mha: str, mha_path: 
     """Write a KiTS-layout NIfTI segmentation as .mha in the geometry of the input .mha."""
     import SimpleITK as sitk
     reference = read_sitk(case, reference_mha)
-    array = np.moveaxis(nifti_array(case, nifti_path), 0, -1)
+    array = np.moveaxis(load_file(case, nifti_path, "prediction").array(), 0, -1)
     expected = sitk.GetArrayViewFromImage(reference).shape
     if array.shape != tuple(expected):
         raise CaseError(case, nifti_path, f"segmentation shape {array.shape} (as .mha) does not match the input "
                                           f"image {reference_mha} {tuple(expected)}")
-    check_label_values(case, nifti_path, array, LABELS)
+    check_label_values(case, nifti_path, array, LABELS, "prediction")
     out = sitk.GetImageFromArray(array.astype(np.uint8))
     out.CopyInformation(reference)
     write_sitk(out, mha_path)
@@ -179,23 +181,24 @@ def export_case(case: str, prediction: str, reference: str, out_path: str, toler
     if reference.endswith(".mha"):
         if prediction.endswith(".mha"):
             import SimpleITK as sitk
-            pred = read_sitk(case, prediction)
-            check_geometry(case, reference, Geometry.read(case, reference), prediction, Geometry.of(pred), tolerance)
+            pred = read_sitk(case, prediction, "prediction")
+            check_geometry(case, reference, Geometry.read(case, reference), prediction, Geometry.of(pred), tolerance,
+                           "prediction", "input image")
             array = sitk.GetArrayFromImage(pred)
-            check_label_values(case, prediction, array, LABELS)
+            check_label_values(case, prediction, array, LABELS, "prediction")
             return write_like(case, reference, array, out_path)
         kits_nifti_to_mha(case, prediction, reference, out_path)
         return out_path
-    ref = read_nifti(case, reference)
-    pred = read_nifti(case, prediction)
-    check_affine(case, reference, ref, prediction, pred, tolerance)
+    ref = open_nifti(case, reference)
+    pred = load_file(case, prediction, "prediction").nifti
+    check_affine(case, reference, ref, prediction, pred, tolerance, "prediction", "input image")
     array = nifti_array(case, prediction, pred)
-    check_label_values(case, prediction, array, LABELS)
+    check_label_values(case, prediction, array, LABELS, "prediction")
     return write_like(case, reference, array, out_path, order="nibabel")
 
 
 def export(pred_dir: str, out_dir: str, images: str, num_processes: int = 1,
-           tolerance: float = DEFAULT_GEOMETRY_TOLERANCE, progress: bool = True) -> list[str]:
+           tolerance: float = DEFAULT_GEOMETRY_TOLERANCE, progress: bool = True, allow_extra: bool = False) -> list[str]:
     """nnU-Net predictions -> KiTS21 submission files.
 
     With .mha reference images (the grand-challenge input) the output is the container layout
@@ -214,6 +217,5 @@ def export(pred_dir: str, out_dir: str, images: str, num_processes: int = 1,
             out_path = os.path.join(out_dir, f"{case}.nii.gz")
         items.append((case, {"case": case, "prediction": preds[case], "reference": ref, "out_path": out_path,
                              "tolerance": tolerance}))
-    from .common import run_parallel
-    written = run_parallel(f"{__name__}:export_case", items, num_processes, desc="exporting KiTS21", progress=progress)
+    written = run_parallel(export_case, items, num_processes, desc="exporting KiTS21", progress=progress)
     return [written[c] for c in refs]
