@@ -220,3 +220,29 @@ def export(pred_dir: str, out_dir: str, images: str, task: int = 2, archive: str
         zip_path = os.path.join(out_dir, f"amos22_task{task}_submission.zip") if archive == "auto" else archive
         result["archive"] = write_zip([(os.path.basename(p), p) for p in result["files"]], zip_path)
     return result
+
+
+# ------------------------------------------------------------------------------------------- the table entry
+
+def evaluate(pred: str, gt_dir: str, **options) -> dict:
+    """:func:`nnunet_plugins.evaluation.amos22.evaluate` (imported on use: it needs scipy)."""
+    from nnunet_plugins.evaluation import amos22 as evaluation
+    return evaluation.evaluate(pred, gt_dir, **options)
+
+
+_TASK = "1 = CT, 2 = CT and MRI (default 2)"
+SPEC = Challenge(
+    name=CHALLENGE, title="AMOS22", convert=convert, export=export, evaluate=evaluate,
+    default_dataset="218 (task 1) / 219 (task 2)",
+    convert_options=(
+        Option(("--task",), "task", _TASK, default=2, type=int, choices=(1, 2)),
+        Option(("--no-merge-validation",), "merge_validation", "keep the validation cases out of training (written "
+               "to imagesVal/labelsVal)", flag=True, to_param=lambda v: not v)),
+    export_options=(
+        Option(("--task",), "task", _TASK, default=2, type=int, choices=(1, 2)),
+        Option(("--archive",), "archive", "zip path (default: OUT_DIR/amos22_task<T>_submission.zip)",
+               default="auto"),
+        Option(("--no-archive",), "archive", "do not write the zip", const=None)),
+    evaluate_options=(
+        Option(("--tolerance-mm",), "tolerance_mm", "NSD tolerance in mm (default 1)", default=1.0, type=float),),
+)

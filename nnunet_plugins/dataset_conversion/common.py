@@ -95,7 +95,8 @@ class Option:
 
     ``flags``: argparse flags; ``param``: keyword argument of the challenge's Python function; ``flag``: a switch
     (store_true); ``to_param``: turns the parsed value into the keyword's value (e.g. ``--no-round`` ->
-    ``round_decimals=None``).
+    ``round_decimals=None``); ``const``: a switch that sets ``param`` to this value (several options may fill one
+    keyword, e.g. ``--archive PATH`` and ``--no-archive``).
     """
     flags: tuple
     param: str
@@ -105,10 +106,16 @@ class Option:
     choices: tuple | None = None
     flag: bool = False
     to_param: Callable | None = None
+    const: Any = "<none>"
+    required: bool = False
 
     def add_to(self, parser) -> None:
         kwargs = {"help": self.help, "dest": self.param}
-        if self.flag:
+        if self.required:
+            kwargs["required"] = True
+        if self.const != "<none>":
+            kwargs.update(action="store_const", const=self.const)
+        elif self.flag:
             kwargs["action"] = "store_true"
         else:
             kwargs.update(default=self.default, type=self.type, choices=self.choices)

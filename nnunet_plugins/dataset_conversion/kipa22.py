@@ -130,3 +130,23 @@ def export(pred_dir: str, out_dir: str, images: str, num_processes: int = 1,
     written = run_parallel(export_case, items, num_processes, desc="exporting KiPA22",
                            progress=progress)
     return [written[n] for n in refs]
+
+
+# ------------------------------------------------------------------------------------------- the table entry
+
+def evaluate(pred_dir: str, gt_dir: str, **options) -> dict:
+    """:func:`nnunet_plugins.evaluation.kipa22.evaluate` (imported on use: it needs scipy)."""
+    from nnunet_plugins.evaluation import kipa22 as evaluation
+    return evaluation.evaluate(pred_dir, gt_dir, **options)
+
+
+SPEC = Challenge(
+    name=CHALLENGE, title="KiPA22", convert=convert, export=export, evaluate=evaluate,
+    default_dataset=str(DEFAULT_DATASET_ID),
+    evaluate_options=(
+        Option(("--official-spacing-bug",), "official_spacing_bug", "reproduce the official script's spacing error "
+               "when resampling the prediction", flag=True),
+        Option(("--ignore-geometry",), "ignore_geometry", "score predictions whose spacing/origin/direction differ "
+               "from the reference, as the official script does (it resamples each image with its own geometry)",
+               flag=True)),
+)

@@ -219,3 +219,27 @@ def export(pred_dir: str, out_dir: str, images: str, num_processes: int = 1,
                              "tolerance": tolerance}))
     written = run_parallel(export_case, items, num_processes, desc="exporting KiTS21", progress=progress)
     return [written[c] for c in refs]
+
+
+# ------------------------------------------------------------------------------------------- the table entry
+
+def evaluate(pred_dir: str, gt_dir: str, **options) -> dict:
+    """:func:`nnunet_plugins.evaluation.kits21.evaluate` (imported on use: it needs scipy)."""
+    from nnunet_plugins.evaluation import kits21 as evaluation
+    return evaluation.evaluate(pred_dir, gt_dir, **options)
+
+
+SPEC = Challenge(
+    name=CHALLENGE, title="KiTS21", convert=convert, export=export, evaluate=evaluate,
+    default_dataset=str(DEFAULT_DATASET_ID),
+    convert_options=(
+        Option(("--kits-label",), "label_source", "training label: aggregated MAJ/AND/OR segmentation (default "
+               "majority)", default="majority", choices=tuple(LABEL_FILES)),),
+    evaluate_options=(
+        Option(("--reference",), "reference", "majority vote, annotation samples, or both (samples where present; "
+               "default both)", default="both", choices=("both", "majority", "samples")),
+        Option(("--tolerances",), "tolerances", "surface Dice tolerances of the final or the older labels.py "
+               "revision (default final)", default="final", choices=tuple(TOLERANCE_REVISIONS)),
+        Option(("--ignore-geometry",), "ignore_geometry", "score predictions whose spacing/origin/direction differ "
+               "from the reference, as the official code does (it uses the prediction's spacing)", flag=True)),
+)

@@ -172,3 +172,23 @@ def export(pred_dir: str, out_dir: str, images: str, suffix: str = DEFAULT_SUBMI
     written = run_parallel(export_case, items, num_processes, desc="exporting MyoPS2020",
                            progress=progress)
     return [written[c] for c in refs]
+
+
+# ------------------------------------------------------------------------------------------- the table entry
+
+def evaluate(pred_dir: str, gt_dir: str, **options) -> dict:
+    """:func:`nnunet_plugins.evaluation.myops2020.evaluate` (imported on use)."""
+    from nnunet_plugins.evaluation import myops2020 as evaluation
+    return evaluation.evaluate(pred_dir, gt_dir, **options)
+
+
+SPEC = Challenge(
+    name=CHALLENGE, title="MyoPS2020", convert=convert, export=export, evaluate=evaluate,
+    default_dataset=str(DEFAULT_DATASET_ID),
+    export_options=(
+        Option(("--suffix",), "suffix", f"file name suffix (default {DEFAULT_SUBMISSION_SUFFIX})",
+               default=DEFAULT_SUBMISSION_SUFFIX),),
+    evaluate_options=(
+        Option(("--labels",), "labels", "label values of the files: original (200, ...), nnU-Net's 0-5, or auto "
+               "(default)", default="auto", choices=("auto", "original", "nnunet")),),
+)

@@ -369,3 +369,38 @@ def export(pred_dir: str, out_dir: str, images: str, task: int = 1, out_format: 
         zip_path = os.path.join(out_dir, f"segrap2023_task{task}_validation.zip") if archive == "auto" else archive
         result["archive"] = write_zip([(os.path.relpath(p, out_dir), p) for p in result["files"]], zip_path)
     return result
+
+
+# ------------------------------------------------------------------------------------------- the table entry
+
+def evaluate(pred: str, gt: str, **options) -> dict:
+    """:func:`nnunet_plugins.evaluation.segrap2023.evaluate` (imported on use: it needs scipy)."""
+    from nnunet_plugins.evaluation import segrap2023 as evaluation
+    return evaluation.evaluate(pred, gt, **options)
+
+
+_TASK = "1 = organs at risk, 2 = GTVs (default 1)"
+SPEC = Challenge(
+    name=CHALLENGE, title="SegRap2023", convert=convert, export=export, evaluate=evaluate,
+    default_dataset="601 (task 1) / 602 (task 2)",
+    convert_options=(
+        Option(("--task",), "task", _TASK, default=1, type=int, choices=(1, 2)),
+        Option(("--segrap-labels",), "labels", "labels from the shipped label maps, from the organ masks, or auto "
+               "(maps if present; default auto)", default="auto", choices=("auto", "map", "masks")),
+        Option(("--check-masks",), "check_masks", "also check every shipped label map against the organ masks",
+               flag=True)),
+    export_options=(
+        Option(("--task",), "task", _TASK, default=1, type=int, choices=(1, 2)),
+        Option(("--format",), "out_format", "per-organ validation layout + zip, or the test-phase 4-D .mha "
+               "(default validation)", default="validation", choices=("validation", "grand-challenge")),
+        Option(("--archive",), "archive", "zip path (default: OUT_DIR/segrap2023_task<T>_validation.zip)",
+               default="auto"),
+        Option(("--no-archive",), "archive", "do not write the zip", const=None)),
+    evaluate_options=(
+        Option(("--task",), "task", _TASK, default=1, type=int, choices=(1, 2)),
+        Option(("--no-round",), "round_decimals", "keep full precision (the official script rounds per-case values "
+               "to 4 decimals)", flag=True, to_param=lambda v: None if v else 4),
+        Option(("--ignore-geometry",), "ignore_geometry", "score predictions whose spacing/origin/direction differ "
+               "from the reference, as the official scripts do (they compare arrays, spacing of the reference)",
+               flag=True)),
+)
