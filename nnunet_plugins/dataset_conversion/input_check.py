@@ -102,9 +102,10 @@ def check_input_folder(folder: str, dataset_json: dict, num_channels: int | None
     num_channels = num_channels or len(dataset_json["channel_names"])
     file_ending = file_ending or dataset_json["file_ending"]
     cases = group_channel_files(folder, file_ending, num_channels)
-    reader = reader_name(dataset_json, next(iter(cases.values()))[0])
-    check_cases(cases, num_channels, folder, nibabel_geometry=reader.startswith("Nibabel"),
-                num_processes=num_processes, progress=progress)
+    nibabel_reader = "Nibabel" in str(dataset_json.get("overwrite_image_reader_writer", ""))
+    check_cases(cases, num_channels, folder, nibabel_geometry=nibabel_reader, num_processes=num_processes,
+                progress=progress)
+    reader = reader_name(dataset_json, next(iter(cases.values()))[0])   # after the decoding check: it reads
     return {"cases": cases, "reader": reader, "num_channels": num_channels, "file_ending": file_ending}
 
 
