@@ -3,8 +3,8 @@ the channels of a case.
 
 Stock ``nnUNetv2_predict`` does none of this up front: a case with a missing channel file fails inside nnU-Net's
 preprocessing worker with ``IndexError: list index out of range`` followed by "Some background worker is 6 feet
-under. Did it die because of an error above or because your RAM was full?", a case with an extra channel is fed to
-the network with the wrong number of channels (a shape error deep in the first convolution), and a truncated
+under. Did it die because of an error above or because your RAM was full?", an extra channel file is not caught before
+the network either, and a truncated
 ``.nii.gz`` is read by SimpleITK as zeros without a word, so a prediction of a partly blank image is written. The
 commands that predict here (``challenge-infer``, ``predict-multitask``) call :func:`check_cases` /
 :func:`check_model_inputs` first, and ``nnunet-plugins check-input`` runs the same checks on a folder for a trained
