@@ -204,11 +204,14 @@ def export(pred_dir: str, out_dir: str, images: str, num_processes: int = 1,
     With .mha reference images (the grand-challenge input) the output is the container layout
     ``out_dir/images/kidney-tumor-and-cyst/<name>.mha``; with NIfTI references (the release, or imagesTs) it is
     ``out_dir/<case>.nii.gz`` as the official evaluation expects. Labels 1 kidney, 2 tumor, 3 cyst (uint8) in the
-    reference image's exact geometry. Every reference case must have a prediction.
+    reference image's exact geometry. Every reference case must have a prediction; a prediction that matches no
+    reference image is an error unless ``allow_extra``.
     """
     refs = reference_images(images)
     preds = list_images(pred_dir)
     check_complete(refs, preds, "KiTS21 predictions", pred_dir)
+    check_extra(preds, refs, "input image", pred_dir, allow_extra)
+    prepare_output_folder(out_dir)
     items = []
     for case, ref in refs.items():
         if ref.endswith(".mha"):

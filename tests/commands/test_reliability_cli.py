@@ -154,3 +154,27 @@ def test_combine_shows_a_progress_bar(tmp_path, capsys):
     combine_datasets([11, 12], 20, "Uni", raw_root=raw, num_processes=1, verbose=True)
     err = capsys.readouterr().err
     assert "writing Dataset020_Uni: 100%" in err and "7/7" in err
+
+
+# item 5 with real worker processes: Ctrl-C during a parallel conversion is one line, exit 130, no worker tracebacks
+def test_ctrl_c_during_parallel_conversion(tmp_path):
+    import signal
+    import time
+    rel = synth.kits21(tmp_path / "kits", num_cases=24, shape=(24, 96, 96))
+    raw = tmp_path / "raw"
+    proc = subprocess.Popen([sys.executable, "-m", "nnunet_plugins", "convert", "kits21", str(rel), "--raw", str(raw),
+                             "-np", "2", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    partial = raw / ".Dataset135_KiTS2021.partial"
+    deadline = time.time() + 60
+    while not partial.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the conversion finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)       # as a terminal does: the main process and its workers
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == "nnunet-plugins convert: interrupted"
+    # the rerun resumes and finishes
+    r = _cli("convert", "kits21", str(rel), "--raw", str(raw), "-np", "1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert len(os.listdir(raw / "Dataset135_KiTS2021" / "imagesTr")) == 24

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_plugins.dataset_conversion import kipa22, kits21
+from nnunet_plugins.dataset_conversion import kipa22
 from nnunet_plugins.dataset_conversion import synthetic_releases as synth
 from nnunet_plugins.dataset_conversion.common import ChallengeError
 from nnunet_plugins.evaluation import amos22 as amos_eval
