@@ -28,7 +28,7 @@ def _shared(command: str) -> tuple:
     """Options of ``command`` that every challenge takes (None = the challenge's own default)."""
     parallel = (Option(("-np", "--num-processes"), "num_processes",
                        f"parallel processes (default {default_num_processes()}: $nnUNet_def_n_proc, else nnU-Net's "
-                       "default, as every nnU-Net command)", default=default_num_processes(), type=int),
+                       "default, as every nnU-Net command)", default=default_num_processes(), type=int, metavar="N"),
                 Option(("--no-progress",), "progress", "no progress bar", flag=True, to_param=lambda v: not v))
     extra = Option(("--allow-extra",), "allow_extra", "ignore (with a note) predictions that match no "
                    f"{'input image' if command == 'export' else 'reference case'} instead of failing", flag=True)
@@ -44,7 +44,8 @@ def _shared(command: str) -> tuple:
                           "geometry): the release's test/validation images, nnU-Net's imagesTs, or the "
                           "grand-challenge /input folder", required=True),
                    tolerance, extra) + parallel,
-        "evaluate": (Option(("-o", "--output"), "out_dir", "folder for the tables (default: the prediction folder)"),
+        "evaluate": (Option(("-o", "--output"), "out_dir", "folder for the tables (default: the prediction folder)",
+                            metavar="OUT"),
                      Option(("--missing",), "missing", "reference cases without a prediction: error (default; the "
                             "challenges score them as worst), empty (score them as empty predictions) or skip (leave "
                             "them out, e.g. for one cross-validation fold; listed)", default="error",

@@ -107,9 +107,12 @@ class Option:
     to_param: Callable | None = None
     const: Any = "<none>"
     required: bool = False
+    metavar: str | None = None
 
     def add_to(self, parser) -> None:
         kwargs = {"help": self.help, "dest": self.param}
+        if self.metavar:
+            kwargs["metavar"] = self.metavar
         if self.required:
             kwargs["required"] = True
         if self.const != "<none>":
@@ -230,11 +233,11 @@ def load_file(case: str, path: str, what: str = "image") -> Loaded:
     except Exception as e:
         raise CaseError(case, path, f"cannot read {what} as NIfTI ({e})") from None
     if len(img.shape) != 3:
-        raise CaseError(case, path, f"expected a 3-D {what}, got shape {tuple(int(s) for s in img.shape)}")
+        raise CaseError(case, path, f"expected a 3-D {what}, got size {_numbers(img.shape)} ({AXES_NOTE})")
     needed = int(img.header.get_data_offset()) + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
     if len(raw) < needed:
         raise CaseError(case, path, f"cannot read {what}: the file is truncated ({len(raw)} bytes of header and "
-                                    f"voxel data; shape {tuple(int(s) for s in img.shape)} and type "
+                                    f"voxel data; size {_numbers(img.shape)} and type "
                                     f"{img.get_data_dtype()} need {needed})")
     return Loaded(path, data, img)
 
@@ -348,6 +351,15 @@ def check_geometry(case: str, reference_path: str, reference: Geometry, path: st
                                     + "; ".join(diffs))
 
 
+def size_message(what: str, array_shape, reference_what: str, reference_shape, order: str = "sitk") -> str:
+    """``<what> size (x, y, z) differs from the <reference> size (...)``, in the axis order of every geometry message
+    (``array_shape`` in SimpleITK array order (z, y, x), or x, y, z with ``order='nibabel'``)."""
+    a, b = (tuple(array_shape), tuple(reference_shape))
+    if order == "sitk":
+        a, b = a[::-1], b[::-1]
+    return f"{what} size {_numbers(a)} differs from the {reference_what} size {_numbers(b)} ({AXES_NOTE})"
+
+
 def check_affine(case: str, reference_path: str, ref_img, path: str, img, tolerance: float,
                  what: str = "label", reference_what: str = "image") -> None:
     """:func:`check_geometry` for nibabel images (their affines, in SimpleITK's convention)."""
@@ -364,7 +376,7 @@ def open_nifti(case: str, path: str, what: str = "image"):
     except Exception as e:
         raise CaseError(case, path, f"cannot read {what} as NIfTI ({e})") from None
     if len(img.shape) != 3:
-        raise CaseError(case, path, f"expected a 3-D {what}, got shape {tuple(int(s) for s in img.shape)}")
+        raise CaseError(case, path, f"expected a 3-D {what}, got size {_numbers(img.shape)} ({AXES_NOTE})")
     return img
 
 
@@ -480,7 +492,8 @@ def write_like(case: str, reference: str, array: np.ndarray, out_path: str, dtyp
         ref = open_nifti(case, reference)
         data = array if order == "nibabel" else np.ascontiguousarray(array.transpose(2, 1, 0))
         if tuple(data.shape) != tuple(ref.shape):
-            raise CaseError(case, out_path, f"array shape {data.shape} does not match {reference} {tuple(ref.shape)}")
+            raise CaseError(case, out_path, size_message("array", data.shape, f"image {reference}", ref.shape,
+                                                         "nibabel"))
         header = ref.header.copy()
         header.set_data_dtype(dtype)
         header.set_slope_inter(None, None)
@@ -491,7 +504,7 @@ def write_like(case: str, reference: str, array: np.ndarray, out_path: str, dtyp
         data = array if order == "sitk" else np.ascontiguousarray(array.transpose(2, 1, 0))
         out = sitk.GetImageFromArray(data)
         if out.GetSize() != ref.size:
-            raise CaseError(case, out_path, f"array shape {data.shape} does not match {reference}")
+            raise CaseError(case, out_path, size_message("array", data.shape, f"image {reference}", ref.size[::-1]))
         write_sitk(ref.apply(out), out_path)
     return out_path
 

@@ -75,9 +75,9 @@ def group_channel_files(folder: str, file_ending: str, num_channels: int) -> dic
             extra = [os.path.basename(channels[c]) for c in sorted(channels) if c not in expected]
             parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
                     ([f"unexpected {', '.join(extra)}"] if extra else [])
+            takes = "0000" if num_channels == 1 else f"0000 .. {num_channels - 1:04d}"
             problems.append(f"case {case}: channels {', '.join(f'{c:04d}' for c in sorted(channels))} found, the "
-                            f"model takes {num_channels} ({'0000' if num_channels == 1 else '0000 .. ' + format(num_channels - 1, '04d')}): "
-                            + "; ".join(parts))
+                            f"model takes {num_channels} ({takes}): " + "; ".join(parts))
     if problems:
         raise ChallengeError(f"{len(problems)} problem(s) with the inputs in {folder}:\n  " + "\n  ".join(problems))
     if not found:

@@ -28,7 +28,8 @@ import numpy as np
 from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, Challenge, ChallengeError, Geometry, Option,
                      ReleaseLayoutError, build_dataset, check_affine, check_complete, check_extra, check_geometry,
                      check_label_values, list_images, load_file, nifti_array, open_nifti, place_nifti_file,
-                     prepare_output_folder, read_sitk, run_parallel, write_like, write_nifti, write_sitk)
+                     prepare_output_folder, read_sitk, run_parallel, size_message, write_like, write_nifti,
+                     write_sitk)
 
 CHALLENGE = "kits21"
 DEFAULT_DATASET_ID = 135
@@ -148,8 +149,8 @@ def kits_nifti_to_mha(case: str, nifti_path: str, reference_mha: str, mha_path: 
     array = np.moveaxis(load_file(case, nifti_path, "prediction").array(), 0, -1)
     expected = sitk.GetArrayViewFromImage(reference).shape
     if array.shape != tuple(expected):
-        raise CaseError(case, nifti_path, f"segmentation shape {array.shape} (as .mha) does not match the input "
-                                          f"image {reference_mha} {tuple(expected)}")
+        raise CaseError(case, nifti_path, size_message("prediction (as .mha)", array.shape,
+                                                       f"input image {reference_mha}", expected))
     check_label_values(case, nifti_path, array, LABELS, "prediction")
     out = sitk.GetImageFromArray(array.astype(np.uint8))
     out.CopyInformation(reference)
@@ -198,7 +199,8 @@ def export_case(case: str, prediction: str, reference: str, out_path: str, toler
 
 
 def export(pred_dir: str, out_dir: str, images: str, num_processes: int = 1,
-           tolerance: float = DEFAULT_GEOMETRY_TOLERANCE, progress: bool = True, allow_extra: bool = False) -> list[str]:
+           tolerance: float = DEFAULT_GEOMETRY_TOLERANCE, progress: bool = True,
+           allow_extra: bool = False) -> list[str]:
     """nnU-Net predictions -> KiTS21 submission files.
 
     With .mha reference images (the grand-challenge input) the output is the container layout

@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from nnunet_plugins.dataset_conversion.common import CaseError, Geometry, list_images, read_sitk
+from nnunet_plugins.dataset_conversion.common import CaseError, Geometry, list_images, read_sitk, size_message
 from nnunet_plugins.dataset_conversion.kipa22 import STRUCTURES as STRUCTURE_NAMES
 from nnunet_plugins.dataset_conversion.kipa22 import original_name
 from nnunet_plugins.evaluation.common import check_prediction_geometry, match_cases, output_folder, run_evaluation
@@ -98,7 +98,7 @@ def evaluate_case(case: str, prediction: str | None, reference: str, official_sp
     ref = sitk.GetArrayFromImage(ref_img)
     pred = sitk.GetArrayFromImage(pred_img)
     if ref.shape != pred.shape:
-        raise CaseError(case, prediction, f"shape {pred.shape} differs from the reference {ref.shape}")
+        raise CaseError(case, prediction, size_message("prediction", pred.shape, "reference", ref.shape))
     row = {"case": case}
     for value, name in zip(LABEL_VALUES, STRUCTURES):
         row[f"DSC_{name}"] = official_dice(pred == value, ref == value)

@@ -20,7 +20,8 @@ import os
 
 import numpy as np
 
-from nnunet_plugins.dataset_conversion.common import CaseError, ChallengeError, Geometry, list_images, read_sitk
+from nnunet_plugins.dataset_conversion.common import (CaseError, ChallengeError, Geometry, list_images, read_sitk,
+                                                      size_message)
 from nnunet_plugins.dataset_conversion.kits21 import (HEC_LABELS, LABEL_FILES, SAMPLES_FOLDER, TOLERANCE_REVISIONS,
                                                       find_case_folders)
 from nnunet_plugins.evaluation.common import check_prediction_geometry, dice, match_cases, output_folder, run_evaluation
@@ -75,7 +76,8 @@ def evaluate_case(case: str, prediction: str | None, majority: str | None, sampl
             elif geometry is not None:
                 check_prediction_geometry(case, f, ref_geometry, prediction, geometry, ignore_geometry)
             if ref.shape != pred.shape:
-                raise CaseError(case, prediction, f"shape {pred.shape} differs from the reference {f} {ref.shape}")
+                raise CaseError(case, prediction,
+                                size_message("prediction", pred.shape, f"reference {f}", ref.shape))
             per_file.append(hec_metrics(pred, ref, spacing, tolerances))
         row = {"case": case, "reference": kind, "num_references": len(files)}
         for key in per_file[0]:

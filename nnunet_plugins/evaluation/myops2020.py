@@ -14,7 +14,8 @@ import re
 
 import numpy as np
 
-from nnunet_plugins.dataset_conversion.common import CaseError, ChallengeError, Geometry, list_images, read_sitk
+from nnunet_plugins.dataset_conversion.common import (CaseError, ChallengeError, Geometry, list_images, read_sitk,
+                                                      size_message)
 from nnunet_plugins.dataset_conversion.myops2020 import EDEMA, FROM_NNUNET, LABEL_FOLDER, SCAR, TO_NNUNET, remap
 from nnunet_plugins.evaluation.common import check_prediction_geometry, dice, match_cases, output_folder, run_evaluation
 
@@ -46,7 +47,7 @@ def evaluate_case(case: str, prediction: str | None, reference: str, labels: str
         check_prediction_geometry(case, reference, Geometry.of(ref_img), prediction, Geometry.of(pred_img))
         pred = to_original(case, prediction, sitk.GetArrayFromImage(pred_img), labels)
     if pred.shape != ref.shape:
-        raise CaseError(case, prediction, f"shape {pred.shape} differs from the reference {ref.shape}")
+        raise CaseError(case, prediction, size_message("prediction", pred.shape, "reference", ref.shape))
     return [{"case": case,
              "Dice_scar": dice(pred == SCAR, ref == SCAR),
              "Dice_edema_scar": dice(np.isin(pred, (EDEMA, SCAR)), np.isin(ref, (EDEMA, SCAR))),

@@ -16,7 +16,8 @@ import os
 
 import numpy as np
 
-from nnunet_plugins.dataset_conversion.common import CaseError, ChallengeError, Geometry, list_images, read_sitk
+from nnunet_plugins.dataset_conversion.common import (CaseError, ChallengeError, Geometry, list_images, read_sitk,
+                                                      size_message)
 from nnunet_plugins.dataset_conversion.segrap2023 import (GC_OUTPUTS, NSD_TOLERANCE_MM, STRUCTURES, TRAINING_FOLDER,
                                                           _check_task, iter_decoded)
 from nnunet_plugins.evaluation.common import (check_prediction_geometry, dice, match_cases, opened_predictions,
@@ -118,7 +119,8 @@ def evaluate_case(case: str, prediction: Source | None, reference: Source, task:
             _, pred, _, pred_file, pred_geometry = next(preds)
             check_prediction_geometry(case, ref_file, ref_geometry, pred_file, pred_geometry, ignore_geometry)
         if ref.shape != pred.shape:
-            raise CaseError(case, prediction.path, f"{s}: shape {pred.shape} differs from the reference {ref.shape}")
+            raise CaseError(case, prediction.path,
+                            f"{s}: " + size_message("prediction", pred.shape, "reference", ref.shape))
         d, nsd = structure_metrics(pred, ref, spacing, NSD_TOLERANCE_MM[s])
         if round_decimals is not None:
             d, nsd = round(d, round_decimals), round(nsd, round_decimals)
