@@ -93,8 +93,9 @@ def guarded(command: str):
             except OSError as e:
                 if isinstance(e, FileNotFoundError) and not e.filename:
                     raise
-                where = f" {e.filename}" if e.filename else ""
-                raise ChallengeError(f"cannot use{where}: {e.strerror or e}") from None
+                if e.filename:
+                    raise ChallengeError(f"cannot use {e.filename}: {e.strerror or e}") from None
+                raise ChallengeError(f"input/output error: {e.strerror or e}") from None
         return run
     return wrap
 

@@ -80,7 +80,7 @@ def match_cases(references: dict, predictions: dict, where: str, missing: str = 
     absent = sorted(set(references) - set(predictions))
     notes = {"extra_predictions": extra, "missing_predictions": absent, "missing_rule": missing}
     if absent and missing == "error":
-        raise IncompleteError("predictions of reference cases", absent, where,
+        raise IncompleteError("prediction(s) of reference cases", absent, where,
                               " (pass --missing empty to score them as empty predictions, or --missing skip to "
                               "leave them out)")
     if absent:

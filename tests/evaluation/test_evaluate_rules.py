@@ -30,7 +30,7 @@ def kipa(tmp_path):
 def test_missing_predictions_fail_or_score_as_empty(tmp_path, kipa):
     rel, preds = kipa
     os.remove(preds / "2.nii.gz")
-    with pytest.raises(ChallengeError, match=r"1 predictions of reference cases missing in .*preds: 2 \(pass "
+    with pytest.raises(ChallengeError, match=r"1 prediction\(s\) of reference cases missing in .*preds: 2 \(pass "
                                              r"--missing empty"):
         kipa_eval.evaluate(str(preds), rel, out_dir=str(tmp_path / "ev"), progress=False, verbose=False)
     result = kipa_eval.evaluate(str(preds), rel, out_dir=str(tmp_path / "ev"), progress=False, verbose=False,
@@ -50,7 +50,7 @@ def test_missing_predictions_other_challenges(tmp_path):
     preds = tmp_path / "kp"
     preds.mkdir()
     shutil.copy(os.path.join(rel, "case_00000", "aggregated_MAJ_seg.nii.gz"), preds / "case_00000.nii.gz")
-    with pytest.raises(ChallengeError, match="1 predictions of reference cases missing .*: case_00001"):
+    with pytest.raises(ChallengeError, match=r"1 prediction\(s\) of reference cases missing .*: case_00001"):
         kits_eval.evaluate(str(preds), rel, progress=False, verbose=False)
     rel = synth.myops2020(tmp_path / "myops")
     preds = tmp_path / "mp"
