@@ -761,6 +761,10 @@ def build_dataset(raw_root: str, dataset_id: int, name: str, jobs: Sequence[Case
     if reconvert:
         listing = ", ".join(f"{c} ({', '.join(f) or 'sources'})" for c, f in sorted(reconvert.items()))
         print(f"reconverting {len(reconvert)} case(s) whose source files changed since they were converted: {listing}")
+    unrecorded = len(changed) - len(reconvert)
+    if unrecorded:
+        print(f"converting {unrecorded} case(s) again: their files exist but there is no record of what they were "
+              "converted from (an earlier version or a killed run)")
     resumed = len(jobs) - len(todo)
     if resumed and len(todo) > len(reconvert):
         print(f"resuming: {resumed} of {len(jobs)} cases already converted")

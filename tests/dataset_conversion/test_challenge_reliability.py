@@ -62,6 +62,11 @@ def test_changed_source_is_reconverted_and_reported(tmp_path, capsys):
     capsys.readouterr()
     kipa22.convert(str(rel), raw=raw, progress=False)
     assert "complete and up to date" in capsys.readouterr().out
+    # a dataset without the record (an earlier version wrote it) is converted again, and the run says why
+    os.remove(os.path.join(folder, "conversion_sources.json"))
+    kipa22.convert(str(rel), raw=raw, progress=False)
+    assert "converting 4 case(s) again: their files exist but there is no record" in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(folder, "conversion_sources.json"))
 
 
 # item 6: our temporaries of a killed export are removed on the next run (only ours, by their naming pattern)
