@@ -29,10 +29,10 @@ import re
 
 import numpy as np
 
-from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, Challenge, ChallengeError, Option,
-                     ReleaseLayoutError, build_dataset, check_affine, check_complete, check_extra, check_label_values,
-                     list_images, load_file, nifti_array, open_nifti, place_nifti_file, prepare_output_folder,
-                     run_parallel, write_like, write_zip)
+from .common import (CaseError, CaseJob, Challenge, ChallengeError, DEFAULT_GEOMETRY_TOLERANCE, Option,
+                     ReleaseLayoutError, archive_options, build_dataset, check_affine, check_complete, check_extra,
+                     check_label_values, list_images, load_file, nifti_array, open_nifti, place_nifti_file,
+                     prepare_output_folder, run_parallel, write_like, write_zip)
 
 CHALLENGE = "amos22"
 DEFAULT_DATASET_IDS = {1: 218, 2: 219}
@@ -240,9 +240,7 @@ SPEC = Challenge(
                "to imagesVal/labelsVal)", flag=True, to_param=lambda v: not v)),
     export_options=(
         Option(("--task",), "task", _TASK, default=2, type=int, choices=(1, 2)),
-        Option(("--archive",), "archive", "zip path (default: OUT_DIR/amos22_task<T>_submission.zip)",
-               default="auto"),
-        Option(("--no-archive",), "archive", "do not write the zip", const=None)),
+        *archive_options("amos22_task<T>_submission.zip")),
     evaluate_options=(
         Option(("--tolerance-mm",), "tolerance_mm", "NSD tolerance in mm (default 1)", default=1.0, type=float),),
 )

@@ -128,6 +128,18 @@ class Option:
         return self.to_param(v) if self.to_param is not None else v
 
 
+def ignore_geometry_option(official: str) -> Option:
+    """``evaluate --ignore-geometry`` for a challenge whose official code ignores geometry (``official``: how)."""
+    return Option(("--ignore-geometry",), "ignore_geometry", "score predictions whose spacing/origin/direction differ "
+                  f"from the reference, as the official code does ({official})", flag=True)
+
+
+def archive_options(default_name: str) -> tuple:
+    """``export --archive PATH`` / ``--no-archive``: both fill the keyword ``archive``."""
+    return (Option(("--archive",), "archive", f"zip path (default: OUT_DIR/{default_name})", default="auto"),
+            Option(("--no-archive",), "archive", "do not write the zip", const=None))
+
+
 @dataclass(frozen=True)
 class Challenge:
     """One challenge: its name, title, Python entry points and the options it adds to each sub-command."""

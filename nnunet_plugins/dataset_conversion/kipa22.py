@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 
-from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, Challenge, Geometry, Option, ReleaseLayoutError,
-                     build_dataset, check_complete, check_extra, check_geometry, check_label_values, list_images,
-                     load_file, place_sitk_file, prepare_output_folder, read_sitk, run_parallel, write_like)
+from .common import (CaseError, CaseJob, Challenge, DEFAULT_GEOMETRY_TOLERANCE, Geometry, Option, ReleaseLayoutError,
+                     build_dataset, check_complete, check_extra, check_geometry, check_label_values,
+                     ignore_geometry_option, list_images, load_file, place_sitk_file, prepare_output_folder, read_sitk,
+                     run_parallel, write_like)
 
 CHALLENGE = "kipa22"
 DEFAULT_DATASET_ID = 603
@@ -146,7 +147,5 @@ SPEC = Challenge(
     evaluate_options=(
         Option(("--official-spacing-bug",), "official_spacing_bug", "reproduce the official script's spacing error "
                "when resampling the prediction", flag=True),
-        Option(("--ignore-geometry",), "ignore_geometry", "score predictions whose spacing/origin/direction differ "
-               "from the reference, as the official script does (it resamples each image with its own geometry)",
-               flag=True)),
+        ignore_geometry_option("it resamples each image with its own geometry")),
 )

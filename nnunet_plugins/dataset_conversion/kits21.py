@@ -25,11 +25,11 @@ import re
 
 import numpy as np
 
-from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, Challenge, ChallengeError, Geometry, Option,
+from .common import (CaseError, CaseJob, Challenge, ChallengeError, DEFAULT_GEOMETRY_TOLERANCE, Geometry, Option,
                      ReleaseLayoutError, build_dataset, check_affine, check_complete, check_extra, check_geometry,
-                     check_label_values, list_images, load_file, nifti_array, open_nifti, place_nifti_file,
-                     prepare_output_folder, read_sitk, run_parallel, size_message, write_like, write_nifti,
-                     write_sitk)
+                     check_label_values, ignore_geometry_option, list_images, load_file, nifti_array, open_nifti,
+                     place_nifti_file, prepare_output_folder, read_sitk, run_parallel, size_message, write_like,
+                     write_nifti, write_sitk)
 
 CHALLENGE = "kits21"
 DEFAULT_DATASET_ID = 135
@@ -245,6 +245,5 @@ SPEC = Challenge(
                "default both)", default="both", choices=("both", "majority", "samples")),
         Option(("--tolerances",), "tolerances", "surface Dice tolerances of the final or the older labels.py "
                "revision (default final)", default="final", choices=tuple(TOLERANCE_REVISIONS)),
-        Option(("--ignore-geometry",), "ignore_geometry", "score predictions whose spacing/origin/direction differ "
-               "from the reference, as the official code does (it uses the prediction's spacing)", flag=True)),
+        ignore_geometry_option("it uses the prediction's spacing")),
 )

@@ -30,10 +30,10 @@ import re
 
 import numpy as np
 
-from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, Challenge, ChallengeError, Geometry, Option,
-                     ReleaseLayoutError, build_dataset, check_complete, check_extra, check_geometry,
-                     check_label_values, list_images, load_file, place_sitk_file, prepare_output_folder, read_sitk,
-                     run_parallel, write_like, write_sitk, write_zip)
+from .common import (CaseError, CaseJob, Challenge, ChallengeError, DEFAULT_GEOMETRY_TOLERANCE, Geometry, Option,
+                     ReleaseLayoutError, archive_options, build_dataset, check_complete, check_extra, check_geometry,
+                     check_label_values, ignore_geometry_option, list_images, load_file, place_sitk_file,
+                     prepare_output_folder, read_sitk, run_parallel, write_like, write_sitk, write_zip)
 
 CHALLENGE = "segrap2023"
 DEFAULT_DATASET_IDS = {1: 601, 2: 602}
@@ -393,14 +393,10 @@ SPEC = Challenge(
         Option(("--task",), "task", _TASK, default=1, type=int, choices=(1, 2)),
         Option(("--format",), "out_format", "per-organ validation layout + zip, or the test-phase 4-D .mha "
                "(default validation)", default="validation", choices=("validation", "grand-challenge")),
-        Option(("--archive",), "archive", "zip path (default: OUT_DIR/segrap2023_task<T>_validation.zip)",
-               default="auto"),
-        Option(("--no-archive",), "archive", "do not write the zip", const=None)),
+        *archive_options("segrap2023_task<T>_validation.zip")),
     evaluate_options=(
         Option(("--task",), "task", _TASK, default=1, type=int, choices=(1, 2)),
         Option(("--no-round",), "round_decimals", "keep full precision (the official script rounds per-case values "
                "to 4 decimals)", flag=True, to_param=lambda v: None if v else 4),
-        Option(("--ignore-geometry",), "ignore_geometry", "score predictions whose spacing/origin/direction differ "
-               "from the reference, as the official scripts do (they compare arrays, spacing of the reference)",
-               flag=True)),
+        ignore_geometry_option("it compares arrays, spacing of the reference")),
 )
