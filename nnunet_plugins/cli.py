@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "nnunet_plugins.commands.plan",
     "nnunet_plugins.commands.demo",
     "nnunet_plugins.commands.challenges",
+    "nnunet_plugins.commands.check_input",
     "nnunet_plugins.commands.multitask",
     "nnunet_plugins.commands.uniseg",
     "nnunet_plugins.commands.banet",

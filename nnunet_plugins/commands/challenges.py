@@ -3,191 +3,181 @@
     nnunet-plugins convert  CHALLENGE RELEASE_DIR [-d ID] [--task T] ...   release -> nnUNet_raw/DatasetXXX_Name
     nnunet-plugins export   CHALLENGE PRED_DIR OUT_DIR --images REF ...   nnU-Net predictions -> submission
     nnunet-plugins evaluate CHALLENGE PRED GT ...                          official metrics, tables, summary
-    nnunet-plugins synth-release CHALLENGE OUT_DIR                         small synthetic release
+    nnunet-plugins synth-release CHALLENGE OUT_DIR [--cases N] ...         small synthetic release
     nnunet-plugins challenge-infer CHALLENGE --model MODEL [--input /input] [--output /output]
 
-CHALLENGE is one of kits21, amos22, segrap2023, myops2020, kipa22. The same functions are importable from
-``nnunet_plugins.dataset_conversion.<challenge>`` (convert, export) and ``nnunet_plugins.evaluation.<challenge>``
-(evaluate).
+Each challenge declares its Python entry points and the options it adds to each sub-command in its module's
+``SPEC`` (:class:`nnunet_plugins.dataset_conversion.common.Challenge`); this module builds one sub-parser per
+challenge and sub-command from that table (``nnunet-plugins convert kits21 --help`` lists KiTS21's options only)
+and adds the options every challenge shares.
+
+Exit codes of every command here: 0 success; 2 an error in the input or the options (one line naming the case, file
+or folder, no traceback); 130 interrupted (Ctrl-C, one line); anything else is a bug (a traceback; please report).
 """
 from __future__ import annotations
 
-import importlib
+import functools
+import sys
 
-CHALLENGES = ("kits21", "amos22", "segrap2023", "myops2020", "kipa22")
-TASK_CHALLENGES = ("amos22", "segrap2023")
+from nnunet_plugins.dataset_conversion.common import ChallengeError, Option, default_num_processes
+
+INTERRUPTED = 130
 
 
-def _common(p) -> None:
-    p.add_argument("-np", "--num-processes", type=int, default=1, help="parallel processes (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+def _shared(command: str) -> tuple:
+    """Options of ``command`` that every challenge takes (None = the challenge's own default)."""
+    parallel = (Option(("-np", "--num-processes"), "num_processes",
+                       f"parallel processes (default {default_num_processes()}: $nnUNet_def_n_proc, else nnU-Net's "
+                       "default, as every nnU-Net command)", default=default_num_processes(), type=int, metavar="N"),
+                Option(("--no-progress",), "progress", "no progress bar", flag=True, to_param=lambda v: not v))
+    extra = Option(("--allow-extra",), "allow_extra", "ignore (with a note) predictions that match no "
+                   f"{'input image' if command == 'export' else 'reference case'} instead of failing", flag=True)
+    tolerance = Option(("--tolerance",), "tolerance", "largest allowed geometry difference (mm / direction cosine; "
+                       "default 1e-4)", type=float)
+    return {
+        "convert": (Option(("--name",), "name", "dataset name (default per challenge)"),
+                    Option(("--raw",), "raw", "nnU-Net raw folder (default $nnUNet_raw)"),
+                    tolerance,
+                    Option(("--overwrite",), "overwrite", "delete an existing or partial dataset and start clean",
+                           flag=True)) + parallel,
+        "export": (Option(("--images",), "images", "the input images the predictions belong to (expected cases and "
+                          "geometry): the release's test/validation images, nnU-Net's imagesTs, or the "
+                          "grand-challenge /input folder", required=True),
+                   tolerance, extra) + parallel,
+        "evaluate": (Option(("-o", "--output"), "out_dir", "folder for the tables (default: the prediction folder)",
+                            metavar="OUT"),
+                     Option(("--missing",), "missing", "reference cases without a prediction: error (default; the "
+                            "challenges score them as worst), empty (score them as empty predictions) or skip (leave "
+                            "them out, e.g. for one cross-validation fold; listed)", default="error",
+                            choices=("error", "empty", "skip")),
+                     extra) + parallel,
+    }[command]
+
+
+POSITIONALS = {
+    "convert": (("release_dir", "the release folder as the organisers ship it"),),
+    "export": (("pred_dir", "nnU-Net prediction folder"), ("out_dir", "output folder")),
+    "evaluate": (("pred", "predictions (folder; amos22/segrap2023 also their submission zip)"),
+                 ("gt", "reference: the release (or its label folder)")),
+}
+DESCRIPTIONS = {
+    "convert": ("convert a challenge release into an nnU-Net raw dataset",
+                "Convert the release folder of a challenge, exactly as the organisers ship it, into "
+                "$nnUNet_raw/DatasetXXX_Name (imagesTr, labelsTr, imagesTs, dataset.json). Every file is read once and "
+                "fully decoded. The dataset is built in a hidden .partial folder and renamed when complete; a rerun "
+                "resumes, reconverts cases whose source files changed, --overwrite starts clean."),
+    "export": ("turn nnU-Net predictions into a challenge submission",
+               "Convert an nnU-Net prediction folder into the challenge's submission format: original label values, "
+               "file names and layout, the input images' exact geometry, and an archive where the challenge takes "
+               "one. Every case of --images must have a prediction; a prediction that matches no input image is an "
+               "error unless --allow-extra."),
+    "evaluate": ("score predictions with a challenge's official metrics",
+                 "Compute the challenge's official metrics with its rules; writes per-case and summary tables (CSV "
+                 "and JSON) and prints the summary. Every reference case must have a prediction (--missing), the "
+                 "prediction's geometry must be the reference's (as export checks it)."),
+}
+EXIT_CODES = "exit codes: 0 success, 2 bad input or options (one line), 130 interrupted"
+
+
+def guarded(command: str):
+    """Run a command handler so that Ctrl-C prints one line (exit 130) and an unwritable or invalid path is one
+    line naming it (exit 2, through ``nnunet-plugins``' error handling) instead of a traceback."""
+    def wrap(func):
+        @functools.wraps(func)
+        def run(args):
+            try:
+                return func(args)
+            except KeyboardInterrupt:
+                print(f"nnunet-plugins {command}: interrupted", file=sys.stderr)
+                raise SystemExit(INTERRUPTED) from None
+            except OSError as e:
+                if isinstance(e, FileNotFoundError) and not e.filename:
+                    raise
+                if e.filename:
+                    raise ChallengeError(f"cannot use {e.filename}: {e.strerror or e}") from None
+                raise ChallengeError(f"input/output error: {e.strerror or e}") from None
+        return run
+    return wrap
 
 
 def add_parser(subparsers) -> None:
-    # ------------------------------------------------------------------ convert
-    p = subparsers.add_parser(
-        "convert", help="convert a challenge release into an nnU-Net raw dataset",
-        description="Convert the release folder of a challenge, exactly as the organisers ship it, into "
-                    "$nnUNet_raw/DatasetXXX_Name (imagesTr, labelsTr, imagesTs, dataset.json). The dataset is built "
-                    "in a hidden .partial folder and renamed when complete; a rerun resumes, --overwrite starts "
-                    "clean.")
-    p.add_argument("challenge", choices=CHALLENGES)
-    p.add_argument("release_dir", help="the release folder (kits21/data, amos22/, the SegRap2023 download folder, "
-                                       "the MyoPS2020 folder with train25/, the KiPA22 folder with train/)")
-    p.add_argument("-d", "--dataset-id", type=int, default=None, help="nnU-Net dataset ID (default per challenge: "
-                   "kits21 135, amos22 218/219, segrap2023 601/602, myops2020 159, kipa22 603)")
-    p.add_argument("--name", default=None, help="dataset name (default per challenge)")
-    p.add_argument("--raw", default=None, help="nnU-Net raw folder (default $nnUNet_raw)")
-    p.add_argument("--task", type=int, choices=(1, 2), default=None,
-                   help="amos22: 1 = CT, 2 = CT+MRI (default 2); segrap2023: 1 = OARs, 2 = GTVs (default 1)")
-    p.add_argument("--kits-label", choices=("majority", "and", "or"), default="majority",
-                   help="kits21: training label (aggregated MAJ/AND/OR segmentation; default majority)")
-    p.add_argument("--no-merge-validation", action="store_true",
-                   help="amos22: keep the validation cases out of training (written to imagesVal/labelsVal)")
-    p.add_argument("--segrap-labels", choices=("auto", "map", "masks"), default="auto",
-                   help="segrap2023: labels from the shipped label maps, from the organ masks, or auto (maps if "
-                        "present)")
-    p.add_argument("--check-masks", action="store_true",
-                   help="segrap2023: also check every shipped label map against the organ masks")
-    p.add_argument("--tolerance", type=float, default=None,
-                   help="largest allowed geometry difference between files of a case (mm / direction cosine; "
-                        "default 1e-4)")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing or partial dataset and start clean")
-    _common(p)
-    p.set_defaults(func=run_convert)
+    from nnunet_plugins.dataset_conversion import challenges
 
-    # ------------------------------------------------------------------ export
-    p = subparsers.add_parser(
-        "export", help="turn nnU-Net predictions into a challenge submission",
-        description="Convert an nnU-Net prediction folder into the challenge's submission format: original label "
-                    "values, file names and layout, the input images' exact geometry, and an archive where the "
-                    "challenge takes one. Every case of --images must have a prediction.")
-    p.add_argument("challenge", choices=CHALLENGES)
-    p.add_argument("pred_dir", help="nnU-Net prediction folder")
-    p.add_argument("out_dir", help="output folder")
-    p.add_argument("--images", required=True,
-                   help="the input images the predictions belong to (expected cases and geometry): the release's "
-                        "test/validation images, nnU-Net's imagesTs, or the grand-challenge /input folder")
-    p.add_argument("--task", type=int, choices=(1, 2), default=None, help="amos22 / segrap2023 task")
-    p.add_argument("--format", choices=("validation", "grand-challenge"), default="validation",
-                   help="segrap2023: per-organ validation layout + zip, or the test-phase 4-D .mha")
-    p.add_argument("--archive", default="auto", help="amos22/segrap2023: zip path (default: in OUT_DIR)")
-    p.add_argument("--no-archive", action="store_true", help="do not write the zip")
-    p.add_argument("--suffix", default=None, help="myops2020: file name suffix (default _seg)")
-    p.add_argument("--tolerance", type=float, default=None, help="allowed geometry difference to the input image")
-    _common(p)
-    p.set_defaults(func=run_export)
+    table = challenges()
+    for command, (short, description) in DESCRIPTIONS.items():
+        p = subparsers.add_parser(command, help=short, description=description, epilog=EXIT_CODES)
+        per_challenge = p.add_subparsers(dest="challenge", metavar="CHALLENGE",
+                                         title=f"challenges ({', '.join(table)})")
+        per_challenge.required = True
+        for spec in table.values():
+            c = per_challenge.add_parser(spec.name, help=f"{spec.title}: {short}", description=description,
+                                         epilog=EXIT_CODES)
+            for name, help_text in POSITIONALS[command]:
+                c.add_argument(name, help=help_text)
+            if command == "convert":
+                c.add_argument("-d", "--dataset-id", dest="dataset_id", type=int, default=None,
+                               help=f"nnU-Net dataset ID (default {spec.default_dataset})")
+            for option in _shared(command) + spec.options(command):
+                option.add_to(c)
+        p.set_defaults(func=guarded(command)(functools.partial(run_command, command)))
 
-    # ------------------------------------------------------------------ evaluate
-    p = subparsers.add_parser(
-        "evaluate", help="score predictions with a challenge's official metrics",
-        description="Compute the challenge's official metrics with its rules; writes per-case and summary tables "
-                    "(CSV and JSON) and prints the summary.")
-    p.add_argument("challenge", choices=CHALLENGES)
-    p.add_argument("pred", help="predictions (folder; amos22/segrap2023 also their submission zip)")
-    p.add_argument("gt", help="reference: the release (or its label folder)")
-    p.add_argument("-o", "--output", default=None, help="folder for the tables (default: the prediction folder)")
-    p.add_argument("--task", type=int, choices=(1, 2), default=None, help="segrap2023 task (default 1)")
-    p.add_argument("--reference", choices=("both", "majority", "samples"), default="both",
-                   help="kits21: majority vote, annotation samples, or both (samples where present)")
-    p.add_argument("--tolerances", choices=("final", "older"), default="final",
-                   help="kits21: surface Dice tolerances of the final or the older labels.py revision")
-    p.add_argument("--tolerance-mm", type=float, default=None, help="amos22: NSD tolerance (default 1 mm)")
-    p.add_argument("--no-round", action="store_true",
-                   help="segrap2023: keep full precision (the official script rounds per-case values to 4 decimals)")
-    p.add_argument("--labels", choices=("auto", "original", "nnunet"), default="auto",
-                   help="myops2020: label values of the files")
-    p.add_argument("--official-spacing-bug", action="store_true",
-                   help="kipa22: reproduce the official script's spacing error when resampling the prediction")
-    _common(p)
-    p.set_defaults(func=run_evaluate)
-
-    # ------------------------------------------------------------------ synth-release
     p = subparsers.add_parser(
         "synth-release", help="write a small synthetic release in a challenge's exact layout",
         description="Write a tiny synthetic release of a challenge (names, folders, channels, label values, "
-                    "geometry conventions) for tests and demos.")
-    p.add_argument("challenge", choices=CHALLENGES)
-    p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=run_synth)
+                    "geometry conventions) for tests, demos and benchmarks.", epilog=EXIT_CODES)
+    p.add_argument("challenge", choices=tuple(table))
+    p.add_argument("out_dir", help="folder to write the release to (must be empty or absent)")
+    p.add_argument("--cases", type=int, default=None,
+                   help="training cases (default: kits21 3, amos22 5, segrap2023 2, myops2020 3, kipa22 3)")
+    p.add_argument("--test-cases", type=int, default=None,
+                   help="test/validation images without labels (default: amos22 2, segrap2023 0, myops2020 1, "
+                        "kipa22 1; kits21 releases have none)")
+    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="volume size in voxels, array order (default: 16 32 32; myops2020 4 32 32)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.set_defaults(func=guarded("synth-release")(run_synth))
 
-    # ------------------------------------------------------------------ challenge-infer
     from nnunet_plugins.dataset_conversion.container import add_arguments
     p = subparsers.add_parser(
         "challenge-infer", help="container inference entry point (grand-challenge input/output layout)",
-        description="Read the organisers' input folder layout, predict with a trained nnU-Net model and write their "
-                    "output layout (kits21, segrap2023, amos22 test phase).")
+        description="Read the organisers' input folder layout, check every input (channels, complete decoding, "
+                    "geometry between channels), predict with a trained nnU-Net model and write their output layout "
+                    "(kits21, segrap2023, amos22 test phase).", epilog=EXIT_CODES)
     add_arguments(p)
-    p.set_defaults(func=run_infer)
+    p.set_defaults(func=guarded("challenge-infer")(run_infer))
 
 
-def _module(kind: str, challenge: str):
-    return importlib.import_module(f"nnunet_plugins.{kind}.{challenge}")
+def _keywords(options, args, drop_none: bool) -> dict:
+    values = {o.param: o.value(args) for o in options}
+    return {k: v for k, v in values.items() if v is not None} if drop_none else values
 
 
-def _opt(**kwargs) -> dict:
-    return {k: v for k, v in kwargs.items() if v is not None}
+def run_command(command: str, args) -> int:
+    """``convert`` / ``export`` / ``evaluate`` of ``args.challenge``: its table entry's function with the shared and
+    the challenge's own options."""
+    from nnunet_plugins.dataset_conversion import challenges
 
-
-def run_convert(args) -> int:
-    m = _module("dataset_conversion", args.challenge)
-    common = _opt(raw=args.raw, dataset_id=args.dataset_id, name=args.name, num_processes=args.num_processes,
-                  overwrite=args.overwrite, tolerance=args.tolerance, progress=not args.no_progress)
-    if args.challenge == "kits21":
-        folder = m.convert(args.release_dir, label_source=args.kits_label, **common)
-    elif args.challenge == "amos22":
-        folder = m.convert(args.release_dir, task=args.task or 2, merge_validation=not args.no_merge_validation,
-                           **common)
-    elif args.challenge == "segrap2023":
-        folder = m.convert(args.release_dir, task=args.task or 1, labels=args.segrap_labels,
-                           check_masks=args.check_masks, **common)
-    else:
-        folder = m.convert(args.release_dir, **common)
-    print(folder)
-    return 0
-
-
-def run_export(args) -> int:
-    m = _module("dataset_conversion", args.challenge)
-    common = _opt(num_processes=args.num_processes, tolerance=args.tolerance, progress=not args.no_progress)
-    archive = None if args.no_archive else args.archive
-    if args.challenge == "amos22":
-        result = m.export(args.pred_dir, args.out_dir, args.images, task=args.task or 2, archive=archive, **common)
-    elif args.challenge == "segrap2023":
-        result = m.export(args.pred_dir, args.out_dir, args.images, task=args.task or 1, out_format=args.format,
-                          archive=archive, **common)
-    elif args.challenge == "myops2020":
-        result = m.export(args.pred_dir, args.out_dir, args.images, **_opt(suffix=args.suffix), **common)
-    else:
-        result = m.export(args.pred_dir, args.out_dir, args.images, **common)
-    files = result["files"] if isinstance(result, dict) else result
-    print(f"wrote {len(files)} files to {args.out_dir}")
-    if isinstance(result, dict) and result.get("archive"):
-        print(f"archive: {result['archive']}")
-    return 0
-
-
-def run_evaluate(args) -> int:
-    m = _module("evaluation", args.challenge)
-    common = dict(out_dir=args.output, num_processes=args.num_processes, progress=not args.no_progress)
-    if args.challenge == "kits21":
-        m.evaluate(args.pred, args.gt, reference=args.reference, tolerances=args.tolerances, **common)
-    elif args.challenge == "amos22":
-        m.evaluate(args.pred, args.gt, **_opt(tolerance_mm=args.tolerance_mm), **common)
-    elif args.challenge == "segrap2023":
-        m.evaluate(args.pred, args.gt, task=args.task or 1, round_decimals=None if args.no_round else 4, **common)
-    elif args.challenge == "myops2020":
-        m.evaluate(args.pred, args.gt, labels=args.labels, **common)
-    else:
-        m.evaluate(args.pred, args.gt, official_spacing_bug=args.official_spacing_bug, **common)
+    spec = challenges()[args.challenge]
+    kwargs = _keywords(_shared(command), args, drop_none=True)
+    if command == "convert" and args.dataset_id is not None:
+        kwargs["dataset_id"] = args.dataset_id
+    kwargs.update(_keywords(spec.options(command), args, drop_none=False))
+    result = getattr(spec, command)(*(getattr(args, name) for name, _ in POSITIONALS[command]), **kwargs)
+    if command == "convert":
+        print(result)
+    elif command == "export":
+        files = result["files"] if isinstance(result, dict) else result
+        print(f"wrote {len(files)} files to {args.out_dir}")
+        if isinstance(result, dict) and result.get("archive"):
+            print(f"archive: {result['archive']}")
     return 0
 
 
 def run_synth(args) -> int:
     from nnunet_plugins.dataset_conversion.synthetic_releases import generate
-    print(generate(args.challenge, args.out_dir, seed=args.seed, overwrite=args.overwrite))
+    print(generate(args.challenge, args.out_dir, seed=args.seed, overwrite=args.overwrite, cases=args.cases,
+                   test_cases=args.test_cases, shape=tuple(args.shape) if args.shape else None))
     return 0
 
 

@@ -27,8 +27,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tags", nargs="+", default=None,
                    help="task tags (letters and digits), one per source; default: the source dataset names")
     p.add_argument("--raw", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
-    p.add_argument("-np", "--num-processes", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 2)),
-                   help="worker processes (default: $nnUNet_def_n_proc or 2)")
+    from nnunet_plugins.dataset_conversion.common import default_num_processes
+    p.add_argument("-np", "--num-processes", type=int, default=default_num_processes(),
+                   help=f"worker processes (default {default_num_processes()}: $nnUNet_def_n_proc, else nnU-Net's "
+                        "default, as every nnU-Net command)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing combined dataset")
     p.set_defaults(func=run_combine)
 

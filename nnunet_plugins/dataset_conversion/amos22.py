@@ -29,9 +29,10 @@ import re
 
 import numpy as np
 
-from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, ChallengeError, ReleaseLayoutError,
-                     build_dataset, check_affine, check_complete, check_label_values, list_images, nifti_array,
-                     place_nifti_file, read_nifti, run_parallel, write_like, write_zip)
+from .common import (CaseError, CaseJob, Challenge, ChallengeError, DEFAULT_GEOMETRY_TOLERANCE, Option,
+                     ReleaseLayoutError, archive_options, build_dataset, check_affine, check_complete, check_extra,
+                     check_label_values, list_images, load_file, nifti_array, open_nifti, place_nifti_file,
+                     prepare_output_folder, run_parallel, write_like, write_zip)
 
 CHALLENGE = "amos22"
 DEFAULT_DATASET_IDS = {1: 218, 2: 219}
@@ -110,13 +111,14 @@ def label_names(shipped: dict) -> dict:
 
 def convert_case(dataset_dir: str, case: str, image: str, label: str | None, image_out: str,
                  label_out: str | None, tolerance: float) -> None:
-    img = read_nifti(case, image)
+    img = load_file(case, image, "image")
     if label is not None:
-        seg = read_nifti(case, label)
-        check_affine(case, image, img, label, seg, tolerance)
-        check_label_values(case, label, nifti_array(case, label, seg), LABELS)
-        place_nifti_file(case, label, os.path.join(dataset_dir, label_out), img, tolerance, image)
-    place_nifti_file(case, image, os.path.join(dataset_dir, image_out))
+        seg = load_file(case, label, "label")
+        check_affine(case, image, img.nifti, label, seg.nifti, tolerance)
+        check_label_values(case, label, seg.array(), LABELS)
+        place_nifti_file(case, label, os.path.join(dataset_dir, label_out), img.nifti, tolerance, image, loaded=seg,
+                         what="label")
+    place_nifti_file(case, image, os.path.join(dataset_dir, image_out), loaded=img)
 
 
 def convert(release_dir: str, task: int = 2, raw: str | None = None, dataset_id: int | None = None,
@@ -147,10 +149,10 @@ def convert(release_dir: str, task: int = 2, raw: str | None = None, dataset_id:
             else:
                 image_out = os.path.join("imagesVal", f"{case}_0000.nii.gz")
                 label_out = os.path.join("labelsVal", f"{case}.nii.gz")
-            jobs.append(CaseJob(case, f"{__name__}:convert_case",
+            jobs.append(CaseJob(case, convert_case,
                                 {"case": case, "image": image, "label": label, "image_out": image_out,
                                  "label_out": label_out, "tolerance": tolerance},
-                                [o for o in (image_out, label_out) if o]))
+                                [o for o in (image_out, label_out) if o], [p for p in (image, label) if p]))
     dj = {
         "channel_names": {"0": CHANNEL_NAMES[task]},
         "labels": names,
@@ -184,28 +186,61 @@ def reference_images(images: str, task: int) -> dict:
 
 
 def export_case(case: str, prediction: str, reference: str, out_path: str, tolerance: float) -> str:
-    ref = read_nifti(case, reference)
-    pred = read_nifti(case, prediction)
-    check_affine(case, reference, ref, prediction, pred, tolerance)
+    ref = open_nifti(case, reference)
+    pred = load_file(case, prediction, "prediction").nifti
+    check_affine(case, reference, ref, prediction, pred, tolerance, "prediction", "input image")
     array = np.asarray(nifti_array(case, prediction, pred))
-    check_label_values(case, prediction, array, LABELS)
+    check_label_values(case, prediction, array, LABELS, "prediction")
     return write_like(case, reference, array, out_path, order="nibabel")
 
 
 def export(pred_dir: str, out_dir: str, images: str, task: int = 2, archive: str | None = "auto",
-           num_processes: int = 1, tolerance: float = DEFAULT_GEOMETRY_TOLERANCE, progress: bool = True) -> dict:
+           num_processes: int = 1, tolerance: float = DEFAULT_GEOMETRY_TOLERANCE, progress: bool = True,
+           allow_extra: bool = False) -> dict:
     """nnU-Net predictions -> AMOS22 submission: ``out_dir/amos_XXXX.nii.gz`` for every image of the task in
     ``images`` (labels 0-15, uint8, the image's exact affine) and, unless ``archive`` is None, the zip the
-    validation phase takes (``auto``: ``out_dir/amos22_task{task}_submission.zip``)."""
+    validation phase takes (``auto``: ``out_dir/amos22_task{task}_submission.zip``). Predictions of cases that are
+    not part of the task (MRI cases for task 1) are left out with a note; any other prediction that matches no
+    input image is an error unless ``allow_extra``."""
     _check_task(task)
     refs = reference_images(images, task)
     preds = list_images(pred_dir, (".nii.gz",))
+    other_task = sorted(c for c in preds if CASE_PATTERN.match(c) and not in_task(c, task))
+    if other_task:
+        print(f"note: {len(other_task)} prediction(s) of MRI cases are not part of task {task} and are left out")
+        preds = {c: p for c, p in preds.items() if c not in other_task}
     check_complete(refs, preds, f"AMOS22 task {task} predictions", pred_dir)
+    check_extra(preds, refs, "input image", pred_dir, allow_extra)
+    prepare_output_folder(out_dir)
     items = [(c, {"case": c, "prediction": preds[c], "reference": r, "out_path": os.path.join(out_dir, f"{c}.nii.gz"),
                   "tolerance": tolerance}) for c, r in refs.items()]
-    written = run_parallel(f"{__name__}:export_case", items, num_processes, desc="exporting AMOS22", progress=progress)
+    written = run_parallel(export_case, items, num_processes, desc="exporting AMOS22", progress=progress)
     result = {"files": [written[c] for c in refs]}
     if archive:
         zip_path = os.path.join(out_dir, f"amos22_task{task}_submission.zip") if archive == "auto" else archive
         result["archive"] = write_zip([(os.path.basename(p), p) for p in result["files"]], zip_path)
     return result
+
+
+# ------------------------------------------------------------------------------------------- the table entry
+
+def evaluate(pred: str, gt_dir: str, **options) -> dict:
+    """:func:`nnunet_plugins.evaluation.amos22.evaluate` (imported on use: it needs scipy)."""
+    from nnunet_plugins.evaluation import amos22 as evaluation
+    return evaluation.evaluate(pred, gt_dir, **options)
+
+
+_TASK = "1 = CT, 2 = CT and MRI (default 2)"
+SPEC = Challenge(
+    name=CHALLENGE, title="AMOS22", convert=convert, export=export, evaluate=evaluate,
+    default_dataset="218 (task 1) / 219 (task 2)",
+    convert_options=(
+        Option(("--task",), "task", _TASK, default=2, type=int, choices=(1, 2)),
+        Option(("--no-merge-validation",), "merge_validation", "keep the validation cases out of training (written "
+               "to imagesVal/labelsVal)", flag=True, to_param=lambda v: not v)),
+    export_options=(
+        Option(("--task",), "task", _TASK, default=2, type=int, choices=(1, 2)),
+        *archive_options("amos22_task<T>_submission.zip")),
+    evaluate_options=(
+        Option(("--tolerance-mm",), "tolerance_mm", "NSD tolerance in mm (default 1)", default=1.0, type=float),),
+)

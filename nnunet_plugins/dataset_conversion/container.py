@@ -21,13 +21,19 @@ Outputs are written atomically and in the input image's exact geometry.
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import shutil
 import sys
 import tempfile
 
 from .common import ChallengeError, list_images
+from .input_check import check_cases
+
+
+def _check_inputs(predictor, cases: dict, where: str) -> None:
+    """Channels, complete decoding and channel geometry of every input before any prediction."""
+    check_cases(cases, len(predictor.dataset_json["channel_names"]), where)
 
 CONTAINER_CHALLENGES = ("kits21", "segrap2023", "amos22")
 
@@ -55,11 +61,6 @@ def load_predictor(model_dir: str, folds=None, checkpoint: str = "checkpoint_fin
     return predictor
 
 
-def _model_dataset_json(model_dir: str) -> dict:
-    with open(os.path.join(model_dir, "dataset.json")) as f:
-        return json.load(f)
-
-
 def _predict(predictor, cases: dict, work_dir: str) -> dict:
     """cases = {name: [channel files]} -> {name: prediction file} (nnU-Net's output in ``work_dir``)."""
     names = list(cases)
@@ -83,6 +84,7 @@ def run_kits21(input_dir: str, output_dir: str, predictor, work_dir: str) -> lis
         raise ChallengeError(f"no .mha images in {os.path.join(input_dir, INPUT_SUBDIR)}")
     if predictor.dataset_json["file_ending"] != ".nii.gz":
         raise ChallengeError("the KiTS21 model must be trained on the NIfTI release (file ending .nii.gz)")
+    _check_inputs(predictor, {n: [p] for n, p in inputs.items()}, os.path.join(input_dir, INPUT_SUBDIR))
     cases = {}
     for name, path in inputs.items():
         nifti = os.path.join(work_dir, "inputs", f"{name}_0000.nii.gz")
@@ -130,8 +132,10 @@ def run_segrap2023(input_dir: str, output_dir: str, predictor, work_dir: str, ta
     if len(predictor.dataset_json["channel_names"]) != 2:
         raise ChallengeError("a SegRap2023 model takes two channels (non-contrast CT, contrast CT)")
     ending = predictor.dataset_json["file_ending"]
+    pairs = _segrap_pairs(input_dir)
+    _check_inputs(predictor, {n: list(p) for n, p in pairs.items()}, input_dir)
     cases = {}
-    for name, pair in _segrap_pairs(input_dir).items():
+    for name, pair in pairs.items():
         files = []
         for c, src in enumerate(pair):
             dst = os.path.join(work_dir, "inputs", f"{name}_{c:04d}{ending}")
@@ -154,6 +158,7 @@ def run_amos22(input_dir: str, output_dir: str, predictor, work_dir: str) -> lis
     inputs = list_images(input_dir, (".nii.gz",))
     if not inputs:
         raise ChallengeError(f"no .nii.gz images in {input_dir}")
+    _check_inputs(predictor, {n: [p] for n, p in inputs.items()}, input_dir)
     predictions = _predict(predictor, {n: [p] for n, p in inputs.items()}, work_dir)
     return [export_case(n, predictions[n], inputs[n], os.path.join(output_dir, f"{n}.nii.gz"),
                         DEFAULT_GEOMETRY_TOLERANCE) for n in inputs]
@@ -163,7 +168,9 @@ def run(challenge: str, model: str, input_dir: str = "/input", output_dir: str =
         checkpoint: str = "checkpoint_final.pth", device: str = "auto", step_size: float = 0.5,
         mirroring: bool = True, task: int | None = None, work_dir: str | None = None) -> list:
     """Run the container entry point of ``challenge``; returns the files written."""
-    if challenge not in CONTAINER_CHALLENGES:
+    runners = {"kits21": run_kits21, "segrap2023": functools.partial(run_segrap2023, task=task),
+               "amos22": run_amos22}
+    if challenge not in runners:
         raise ChallengeError(f"no container entry point for {challenge!r}; "
                              f"choose from {', '.join(CONTAINER_CHALLENGES)}")
     if not os.path.isdir(input_dir):
@@ -171,11 +178,7 @@ def run(challenge: str, model: str, input_dir: str = "/input", output_dir: str =
     predictor = load_predictor(model, folds, checkpoint, device, step_size, mirroring)
     tmp = tempfile.mkdtemp(prefix="nnunet_plugins_infer_", dir=work_dir)
     try:
-        if challenge == "kits21":
-            return run_kits21(input_dir, output_dir, predictor, tmp)
-        if challenge == "segrap2023":
-            return run_segrap2023(input_dir, output_dir, predictor, tmp, task)
-        return run_amos22(input_dir, output_dir, predictor, tmp)
+        return runners[challenge](input_dir, output_dir, predictor, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 
-from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, Geometry, ReleaseLayoutError, build_dataset,
-                     check_complete, check_geometry, check_label_values, list_images, place_sitk_file, read_sitk,
+from .common import (CaseError, CaseJob, Challenge, DEFAULT_GEOMETRY_TOLERANCE, Geometry, Option, ReleaseLayoutError,
+                     build_dataset, check_complete, check_extra, check_geometry, check_label_values,
+                     ignore_geometry_option, list_images, load_file, place_sitk_file, prepare_output_folder, read_sitk,
                      run_parallel, write_like)
 
 CHALLENGE = "kipa22"
@@ -34,13 +35,12 @@ def original_name(case: str) -> str:
 
 def convert_case(dataset_dir: str, case: str, image: str, label: str | None, image_out: str,
                  label_out: str | None, tolerance: float) -> None:
-    import SimpleITK as sitk
     reference = Geometry.read(case, image)
     if label is not None:
-        img = read_sitk(case, label)
-        check_geometry(case, image, reference, label, Geometry.of(img), tolerance)
-        check_label_values(case, label, sitk.GetArrayViewFromImage(img), LABELS)
-        place_sitk_file(case, label, os.path.join(dataset_dir, label_out), reference, tolerance, image)
+        seg = load_file(case, label, "label")
+        check_label_values(case, label, seg.array(), LABELS)
+        place_sitk_file(case, label, os.path.join(dataset_dir, label_out), reference, tolerance, image, loaded=seg,
+                        what="label")
     place_sitk_file(case, image, os.path.join(dataset_dir, image_out))
 
 
@@ -63,9 +63,9 @@ def convert(release_dir: str, raw: str | None = None, dataset_id: int = DEFAULT_
         if not os.path.isfile(label):
             raise CaseError(case, label, "missing label")
         outs = [os.path.join("imagesTr", f"{case}_0000.nii.gz"), os.path.join("labelsTr", f"{case}.nii.gz")]
-        jobs.append(CaseJob(case, f"{__name__}:convert_case",
+        jobs.append(CaseJob(case, convert_case,
                             {"case": case, "image": image, "label": label, "image_out": outs[0],
-                             "label_out": outs[1], "tolerance": tolerance}, outs))
+                             "label_out": outs[1], "tolerance": tolerance}, outs, [image, label]))
     extra_labels = sorted(set(list_images(train_labels, (".nii.gz",))) - set(images))
     if extra_labels:
         stem = extra_labels[0]
@@ -74,9 +74,9 @@ def convert(release_dir: str, raw: str | None = None, dataset_id: int = DEFAULT_
         for stem, image in list_images(test_images, (".nii.gz",)).items():
             case = case_id(stem)
             out = os.path.join("imagesTs", f"{case}_0000.nii.gz")
-            jobs.append(CaseJob(case, f"{__name__}:convert_case",
+            jobs.append(CaseJob(case, convert_case,
                                 {"case": case, "image": image, "label": None, "image_out": out, "label_out": None,
-                                 "tolerance": tolerance}, [out]))
+                                 "tolerance": tolerance}, [out], [image]))
     dj = {
         "channel_names": {"0": "CT"},
         "labels": {n: v for v, n in LABELS.items()},
@@ -110,22 +110,42 @@ def reference_images(images: str) -> dict:
 def export_case(case: str, prediction: str, reference: str, out_path: str, tolerance: float) -> str:
     import SimpleITK as sitk
     ref = Geometry.read(case, reference)
-    pred = read_sitk(case, prediction)
-    check_geometry(case, reference, ref, prediction, Geometry.of(pred), tolerance)
+    pred = read_sitk(case, prediction, "prediction")
+    check_geometry(case, reference, ref, prediction, Geometry.of(pred), tolerance, "prediction", "input image")
     arr = sitk.GetArrayFromImage(pred)
-    check_label_values(case, prediction, arr, LABELS)
+    check_label_values(case, prediction, arr, LABELS, "prediction")
     return write_like(case, reference, arr, out_path)
 
 
 def export(pred_dir: str, out_dir: str, images: str, num_processes: int = 1,
-           tolerance: float = DEFAULT_GEOMETRY_TOLERANCE, progress: bool = True) -> list:
+           tolerance: float = DEFAULT_GEOMETRY_TOLERANCE, progress: bool = True, allow_extra: bool = False) -> list:
     """nnU-Net predictions (``KiPA_N.nii.gz``, or already ``N.nii.gz``) -> ``out_dir/N.nii.gz``: the input
     image's name, labels 1-4 (uint8), the image's exact geometry."""
     refs = reference_images(images)
     preds = {original_name(k): v for k, v in list_images(pred_dir, (".nii.gz",)).items()}
     check_complete(refs, preds, "KiPA22 predictions", pred_dir)
+    check_extra(preds, refs, "input image", pred_dir, allow_extra)
+    prepare_output_folder(out_dir)
     items = [(n, {"case": n, "prediction": preds[n], "reference": r, "out_path": os.path.join(out_dir, f"{n}.nii.gz"),
                   "tolerance": tolerance}) for n, r in refs.items()]
-    written = run_parallel(f"{__name__}:export_case", items, num_processes, desc="exporting KiPA22",
+    written = run_parallel(export_case, items, num_processes, desc="exporting KiPA22",
                            progress=progress)
     return [written[n] for n in refs]
+
+
+# ------------------------------------------------------------------------------------------- the table entry
+
+def evaluate(pred_dir: str, gt_dir: str, **options) -> dict:
+    """:func:`nnunet_plugins.evaluation.kipa22.evaluate` (imported on use: it needs scipy)."""
+    from nnunet_plugins.evaluation import kipa22 as evaluation
+    return evaluation.evaluate(pred_dir, gt_dir, **options)
+
+
+SPEC = Challenge(
+    name=CHALLENGE, title="KiPA22", convert=convert, export=export, evaluate=evaluate,
+    default_dataset=str(DEFAULT_DATASET_ID),
+    evaluate_options=(
+        Option(("--official-spacing-bug",), "official_spacing_bug", "reproduce the official script's spacing error "
+               "when resampling the prediction", flag=True),
+        ignore_geometry_option("it resamples each image with its own geometry")),
+)

@@ -25,9 +25,11 @@ import re
 
 import numpy as np
 
-from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, ChallengeError, Geometry, ReleaseLayoutError,
-                     build_dataset, check_affine, check_complete, check_geometry, check_label_values, list_images,
-                     nifti_array, place_nifti_file, read_nifti, read_sitk, write_like, write_nifti, write_sitk)
+from .common import (CaseError, CaseJob, Challenge, ChallengeError, DEFAULT_GEOMETRY_TOLERANCE, Geometry, Option,
+                     ReleaseLayoutError, build_dataset, check_affine, check_complete, check_extra, check_geometry,
+                     check_label_values, ignore_geometry_option, list_images, load_file, nifti_array, open_nifti,
+                     place_nifti_file, prepare_output_folder, read_sitk, run_parallel, size_message, write_like,
+                     write_nifti, write_sitk)
 
 CHALLENGE = "kits21"
 DEFAULT_DATASET_ID = 135
@@ -92,12 +94,13 @@ def find_case_folders(release_dir: str) -> tuple[str, list[str]]:
 
 
 def convert_case(dataset_dir: str, case: str, image: str, label: str, tolerance: float) -> None:
-    img = read_nifti(case, image)
-    seg = read_nifti(case, label)
-    check_affine(case, image, img, label, seg, tolerance)
-    check_label_values(case, label, nifti_array(case, label, seg), LABELS)
-    place_nifti_file(case, label, os.path.join(dataset_dir, "labelsTr", f"{case}.nii.gz"), img, tolerance, image)
-    place_nifti_file(case, image, os.path.join(dataset_dir, "imagesTr", f"{case}_0000.nii.gz"))
+    img = load_file(case, image, "image")
+    seg = load_file(case, label, "label")
+    check_affine(case, image, img.nifti, label, seg.nifti, tolerance)
+    check_label_values(case, label, seg.array(), LABELS)
+    place_nifti_file(case, label, os.path.join(dataset_dir, "labelsTr", f"{case}.nii.gz"), img.nifti, tolerance,
+                     image, loaded=seg, what="label")
+    place_nifti_file(case, image, os.path.join(dataset_dir, "imagesTr", f"{case}_0000.nii.gz"), loaded=img)
 
 
 def convert(release_dir: str, raw: str | None = None, dataset_id: int = DEFAULT_DATASET_ID,
@@ -115,10 +118,10 @@ def convert(release_dir: str, raw: str | None = None, dataset_id: int = DEFAULT_
                            (label, f"label {LABEL_FILES[label_source]}")):
             if not os.path.isfile(path):
                 raise CaseError(case, path, f"missing {what}")
-        jobs.append(CaseJob(case, f"{__name__}:convert_case",
+        jobs.append(CaseJob(case, convert_case,
                             {"case": case, "image": image, "label": label, "tolerance": tolerance},
                             [os.path.join("imagesTr", f"{case}_0000.nii.gz"),
-                             os.path.join("labelsTr", f"{case}.nii.gz")]))
+                             os.path.join("labelsTr", f"{case}.nii.gz")], [image, label]))
     return build_dataset(raw, dataset_id, name, jobs, dataset_json(len(jobs), label_source),
                          num_processes=num_processes, overwrite=overwrite, progress=progress)
 
@@ -143,12 +146,12 @@ def kits_nifti_to_mha(case: str, nifti_path: str, reference_mha: str, mha_path: 
     """Write a KiTS-layout NIfTI segmentation as .mha in the geometry of the input .mha."""
     import SimpleITK as sitk
     reference = read_sitk(case, reference_mha)
-    array = np.moveaxis(nifti_array(case, nifti_path), 0, -1)
+    array = np.moveaxis(load_file(case, nifti_path, "prediction").array(), 0, -1)
     expected = sitk.GetArrayViewFromImage(reference).shape
     if array.shape != tuple(expected):
-        raise CaseError(case, nifti_path, f"segmentation shape {array.shape} (as .mha) does not match the input "
-                                          f"image {reference_mha} {tuple(expected)}")
-    check_label_values(case, nifti_path, array, LABELS)
+        raise CaseError(case, nifti_path, size_message("prediction (as .mha)", array.shape,
+                                                       f"input image {reference_mha}", expected))
+    check_label_values(case, nifti_path, array, LABELS, "prediction")
     out = sitk.GetImageFromArray(array.astype(np.uint8))
     out.CopyInformation(reference)
     write_sitk(out, mha_path)
@@ -179,33 +182,38 @@ def export_case(case: str, prediction: str, reference: str, out_path: str, toler
     if reference.endswith(".mha"):
         if prediction.endswith(".mha"):
             import SimpleITK as sitk
-            pred = read_sitk(case, prediction)
-            check_geometry(case, reference, Geometry.read(case, reference), prediction, Geometry.of(pred), tolerance)
+            pred = read_sitk(case, prediction, "prediction")
+            check_geometry(case, reference, Geometry.read(case, reference), prediction, Geometry.of(pred), tolerance,
+                           "prediction", "input image")
             array = sitk.GetArrayFromImage(pred)
-            check_label_values(case, prediction, array, LABELS)
+            check_label_values(case, prediction, array, LABELS, "prediction")
             return write_like(case, reference, array, out_path)
         kits_nifti_to_mha(case, prediction, reference, out_path)
         return out_path
-    ref = read_nifti(case, reference)
-    pred = read_nifti(case, prediction)
-    check_affine(case, reference, ref, prediction, pred, tolerance)
+    ref = open_nifti(case, reference)
+    pred = load_file(case, prediction, "prediction").nifti
+    check_affine(case, reference, ref, prediction, pred, tolerance, "prediction", "input image")
     array = nifti_array(case, prediction, pred)
-    check_label_values(case, prediction, array, LABELS)
+    check_label_values(case, prediction, array, LABELS, "prediction")
     return write_like(case, reference, array, out_path, order="nibabel")
 
 
 def export(pred_dir: str, out_dir: str, images: str, num_processes: int = 1,
-           tolerance: float = DEFAULT_GEOMETRY_TOLERANCE, progress: bool = True) -> list[str]:
+           tolerance: float = DEFAULT_GEOMETRY_TOLERANCE, progress: bool = True,
+           allow_extra: bool = False) -> list[str]:
     """nnU-Net predictions -> KiTS21 submission files.
 
     With .mha reference images (the grand-challenge input) the output is the container layout
     ``out_dir/images/kidney-tumor-and-cyst/<name>.mha``; with NIfTI references (the release, or imagesTs) it is
     ``out_dir/<case>.nii.gz`` as the official evaluation expects. Labels 1 kidney, 2 tumor, 3 cyst (uint8) in the
-    reference image's exact geometry. Every reference case must have a prediction.
+    reference image's exact geometry. Every reference case must have a prediction; a prediction that matches no
+    reference image is an error unless ``allow_extra``.
     """
     refs = reference_images(images)
     preds = list_images(pred_dir)
     check_complete(refs, preds, "KiTS21 predictions", pred_dir)
+    check_extra(preds, refs, "input image", pred_dir, allow_extra)
+    prepare_output_folder(out_dir)
     items = []
     for case, ref in refs.items():
         if ref.endswith(".mha"):
@@ -214,6 +222,28 @@ def export(pred_dir: str, out_dir: str, images: str, num_processes: int = 1,
             out_path = os.path.join(out_dir, f"{case}.nii.gz")
         items.append((case, {"case": case, "prediction": preds[case], "reference": ref, "out_path": out_path,
                              "tolerance": tolerance}))
-    from .common import run_parallel
-    written = run_parallel(f"{__name__}:export_case", items, num_processes, desc="exporting KiTS21", progress=progress)
+    written = run_parallel(export_case, items, num_processes, desc="exporting KiTS21", progress=progress)
     return [written[c] for c in refs]
+
+
+# ------------------------------------------------------------------------------------------- the table entry
+
+def evaluate(pred_dir: str, gt_dir: str, **options) -> dict:
+    """:func:`nnunet_plugins.evaluation.kits21.evaluate` (imported on use: it needs scipy)."""
+    from nnunet_plugins.evaluation import kits21 as evaluation
+    return evaluation.evaluate(pred_dir, gt_dir, **options)
+
+
+SPEC = Challenge(
+    name=CHALLENGE, title="KiTS21", convert=convert, export=export, evaluate=evaluate,
+    default_dataset=str(DEFAULT_DATASET_ID),
+    convert_options=(
+        Option(("--kits-label",), "label_source", "training label: aggregated MAJ/AND/OR segmentation (default "
+               "majority)", default="majority", choices=tuple(LABEL_FILES)),),
+    evaluate_options=(
+        Option(("--reference",), "reference", "majority vote, annotation samples, or both (samples where present; "
+               "default both)", default="both", choices=("both", "majority", "samples")),
+        Option(("--tolerances",), "tolerances", "surface Dice tolerances of the final or the older labels.py "
+               "revision (default final)", default="final", choices=tuple(TOLERANCE_REVISIONS)),
+        ignore_geometry_option("it uses the prediction's spacing")),
+)

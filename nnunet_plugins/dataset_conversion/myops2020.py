@@ -21,9 +21,10 @@ import re
 
 import numpy as np
 
-from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, Geometry, ReleaseLayoutError,
-                     build_dataset, check_complete, check_geometry, check_label_values, list_images,
-                     place_sitk_file, read_sitk, run_parallel, write_like, write_sitk)
+from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, Challenge, Geometry, Option, ReleaseLayoutError,
+                     build_dataset, check_complete, check_extra, check_geometry, check_label_values, list_images,
+                     load_file, place_sitk_file, prepare_output_folder, read_sitk, run_parallel, write_like,
+                     write_sitk)
 
 CHALLENGE = "myops2020"
 DEFAULT_DATASET_ID = 159
@@ -70,16 +71,18 @@ def _channels(case: str, files: dict, folder: str) -> list:
 def convert_case(dataset_dir: str, case: str, images: list, label: str | None, image_out: list,
                  label_out: str | None, tolerance: float) -> None:
     import SimpleITK as sitk
-    reference = Geometry.read(case, images[0])
+    reference = Geometry.read(case, images[0], "C0 image")
     if label is not None:
-        img = read_sitk(case, label)
-        check_geometry(case, images[0], reference, label, Geometry.of(img), tolerance)
-        arr = sitk.GetArrayFromImage(img)
+        seg = load_file(case, label, "label")
+        check_geometry(case, images[0], reference, label, Geometry.read(case, label, "label"), tolerance,
+                       "label", "C0 image")
+        arr = seg.sitk_array()
         check_label_values(case, label, arr, TO_NNUNET)
-        out = reference.apply(sitk.GetImageFromArray(remap(arr, TO_NNUNET, np.uint8)))
+        out = reference.apply(sitk.GetImageFromArray(np.ascontiguousarray(remap(arr, TO_NNUNET, np.uint8))))
         write_sitk(out, os.path.join(dataset_dir, label_out))
     for i, (src, dst) in enumerate(zip(images, image_out)):
-        place_sitk_file(case, src, os.path.join(dataset_dir, dst), reference if i else None, tolerance, images[0])
+        place_sitk_file(case, src, os.path.join(dataset_dir, dst), reference if i else None, tolerance, images[0],
+                        what=f"{SEQUENCES[i]} image", reference_what="C0 image")
 
 
 def convert(release_dir: str, raw: str | None = None, dataset_id: int = DEFAULT_DATASET_ID, name: str = DEFAULT_NAME,
@@ -101,16 +104,17 @@ def convert(release_dir: str, raw: str | None = None, dataset_id: int = DEFAULT_
             raise CaseError(case, label, "missing label")
         image_out = [os.path.join("imagesTr", f"{case}_{c:04d}.nii.gz") for c in range(3)]
         label_out = os.path.join("labelsTr", f"{case}.nii.gz")
-        jobs.append(CaseJob(case, f"{__name__}:convert_case",
+        jobs.append(CaseJob(case, convert_case,
                             {"case": case, "images": images, "label": label, "image_out": image_out,
-                             "label_out": label_out, "tolerance": tolerance}, image_out + [label_out]))
+                             "label_out": label_out, "tolerance": tolerance}, image_out + [label_out],
+                            images + [label]))
     if os.path.isdir(test):
         for case, files in _cases(test).items():
             images = _channels(case, files, test)
             image_out = [os.path.join("imagesTs", f"{case}_{c:04d}.nii.gz") for c in range(3)]
-            jobs.append(CaseJob(case, f"{__name__}:convert_case",
+            jobs.append(CaseJob(case, convert_case,
                                 {"case": case, "images": images, "label": None, "image_out": image_out,
-                                 "label_out": None, "tolerance": tolerance}, image_out))
+                                 "label_out": None, "tolerance": tolerance}, image_out, images))
     dj = {
         "channel_names": {str(i): s for i, s in enumerate(SEQUENCES)},
         "labels": {n: v for v, n in LABEL_NAMES.items()},
@@ -145,23 +149,46 @@ def reference_images(images: str) -> dict:
 def export_case(case: str, prediction: str, reference: str, out_path: str, tolerance: float) -> str:
     import SimpleITK as sitk
     ref = Geometry.read(case, reference)
-    pred = read_sitk(case, prediction)
-    check_geometry(case, reference, ref, prediction, Geometry.of(pred), tolerance)
+    pred = read_sitk(case, prediction, "prediction")
+    check_geometry(case, reference, ref, prediction, Geometry.of(pred), tolerance, "prediction", "input C0 image")
     arr = sitk.GetArrayFromImage(pred)
-    check_label_values(case, prediction, arr, FROM_NNUNET)
+    check_label_values(case, prediction, arr, FROM_NNUNET, "prediction")
     return write_like(case, reference, remap(arr, FROM_NNUNET, np.uint16), out_path, dtype=np.uint16)
 
 
 def export(pred_dir: str, out_dir: str, images: str, suffix: str = DEFAULT_SUBMISSION_SUFFIX,
-           num_processes: int = 1, tolerance: float = DEFAULT_GEOMETRY_TOLERANCE, progress: bool = True) -> list:
+           num_processes: int = 1, tolerance: float = DEFAULT_GEOMETRY_TOLERANCE, progress: bool = True,
+           allow_extra: bool = False) -> list:
     """nnU-Net predictions (labels 0-5) -> ``out_dir/<case><suffix>.nii.gz`` with the original MyoPS values
     (uint16) in the C0 image's geometry, for every case of ``images``."""
     refs = reference_images(images)
     preds = list_images(pred_dir, (".nii.gz",))
     check_complete(refs, preds, "MyoPS2020 predictions", pred_dir)
+    check_extra(preds, refs, "input image", pred_dir, allow_extra)
+    prepare_output_folder(out_dir)
     items = [(c, {"case": c, "prediction": preds[c], "reference": r,
                   "out_path": os.path.join(out_dir, f"{c}{suffix}.nii.gz"), "tolerance": tolerance})
              for c, r in refs.items()]
-    written = run_parallel(f"{__name__}:export_case", items, num_processes, desc="exporting MyoPS2020",
+    written = run_parallel(export_case, items, num_processes, desc="exporting MyoPS2020",
                            progress=progress)
     return [written[c] for c in refs]
+
+
+# ------------------------------------------------------------------------------------------- the table entry
+
+def evaluate(pred_dir: str, gt_dir: str, **options) -> dict:
+    """:func:`nnunet_plugins.evaluation.myops2020.evaluate` (imported on use)."""
+    from nnunet_plugins.evaluation import myops2020 as evaluation
+    return evaluation.evaluate(pred_dir, gt_dir, **options)
+
+
+SPEC = Challenge(
+    name=CHALLENGE, title="MyoPS2020", convert=convert, export=export, evaluate=evaluate,
+    default_dataset=str(DEFAULT_DATASET_ID),
+    export_options=(
+        Option(("--suffix",), "suffix", f"file name suffix (default {DEFAULT_SUBMISSION_SUFFIX})",
+               default=DEFAULT_SUBMISSION_SUFFIX),),
+    evaluate_options=(
+        Option(("--labels",), "labels", "label values of the files: original (200, ...), nnU-Net's 0-5, or auto "
+               "(default)", default="auto", choices=("auto", "original", "nnunet")),),
+)

@@ -30,9 +30,10 @@ import re
 
 import numpy as np
 
-from .common import (DEFAULT_GEOMETRY_TOLERANCE, CaseError, CaseJob, ChallengeError, Geometry, ReleaseLayoutError,
-                     atomic_copy, build_dataset, check_complete, check_geometry, check_label_values, list_images,
-                     place_sitk_file, read_sitk, run_parallel, write_like, write_sitk, write_zip)
+from .common import (CaseError, CaseJob, Challenge, ChallengeError, DEFAULT_GEOMETRY_TOLERANCE, Geometry, Option,
+                     ReleaseLayoutError, archive_options, build_dataset, check_complete, check_extra, check_geometry,
+                     check_label_values, ignore_geometry_option, list_images, load_file, place_sitk_file,
+                     prepare_output_folder, read_sitk, run_parallel, write_like, write_sitk, write_zip)
 
 CHALLENGE = "segrap2023"
 DEFAULT_DATASET_IDS = {1: 601, 2: 602}
@@ -171,21 +172,25 @@ def find_release(release_dir: str) -> tuple[str, list[str]]:
                              f"folders with {IMAGE_FILES[0]}, {IMAGE_FILES[1]} and the organ masks")
 
 
+def _load_label(case: str, path: str, reference_path: str, reference: Geometry, tolerance: float, what: str):
+    """(array in SimpleITK order, loaded file) of a mask or label map, read once, checked against the image."""
+    loaded = load_file(case, path, what)
+    check_geometry(case, reference_path, reference, path, Geometry.read(case, path, what), tolerance, what,
+                   "non-contrast CT image")
+    return loaded.sitk_array(), loaded
+
+
 def convert_case(dataset_dir: str, case: str, images: list, label_map: str | None, masks: dict | None,
                  task: int, check_masks: bool, tolerance: float, image_out: list, label_out: str | None) -> None:
     import SimpleITK as sitk
-    reference = Geometry.read(case, images[0])
-    for path in images[1:]:
-        check_geometry(case, images[0], reference, path, Geometry.read(case, path), tolerance)
+    reference = Geometry.read(case, images[0], "non-contrast CT image")
     if label_out is not None:
         from_masks = None
         if masks is not None and (label_map is None or check_masks):
             bits = None
             for i, s in enumerate(STRUCTURES[task]):  # one mask in memory at a time
-                img = read_sitk(case, masks[s])
-                check_geometry(case, images[0], reference, masks[s], Geometry.of(img), tolerance)
-                arr = sitk.GetArrayFromImage(img)
-                check_label_values(case, masks[s], arr, (0, 1))
+                arr, _ = _load_label(case, masks[s], images[0], reference, tolerance, f"mask of {s}")
+                check_label_values(case, masks[s], arr, (0, 1), f"mask of {s}")
                 b = (arr > 0).astype(np.int64) << i
                 bits = b if bits is None else bits | b
             try:
@@ -193,22 +198,20 @@ def convert_case(dataset_dir: str, case: str, images: list, label_map: str | Non
             except ValueError as e:
                 raise CaseError(case, os.path.dirname(masks[STRUCTURES[task][0]]), str(e)) from None
         if label_map is not None:
-            img = read_sitk(case, label_map)
-            check_geometry(case, images[0], reference, label_map, Geometry.of(img), tolerance)
-            arr = sitk.GetArrayFromImage(img)
-            check_label_values(case, label_map, arr, range(len(CLASSES[task]) + 1))
+            arr, loaded = _load_label(case, label_map, images[0], reference, tolerance, "label map")
+            check_label_values(case, label_map, arr, range(len(CLASSES[task]) + 1), "label map")
             if from_masks is not None and not np.array_equal(arr, from_masks):
                 wrong = [s for (s, a), (_, b) in zip(iter_decoded(arr, task), iter_decoded(from_masks, task))
                          if not np.array_equal(a, b)]
                 raise CaseError(case, label_map, f"the label map disagrees with the masks of {', '.join(wrong)}")
-            if Geometry.of(img).nnunet_equal(reference):
-                atomic_copy(label_map, os.path.join(dataset_dir, label_out))
-            else:
-                write_sitk(reference.apply(img), os.path.join(dataset_dir, label_out))
+            place_sitk_file(case, label_map, os.path.join(dataset_dir, label_out), reference, tolerance, images[0],
+                            loaded=loaded, what="label map", reference_what="non-contrast CT image")
         else:
             write_sitk(reference.apply(sitk.GetImageFromArray(from_masks)), os.path.join(dataset_dir, label_out))
     for i, (src, dst) in enumerate(zip(images, image_out)):
-        place_sitk_file(case, src, os.path.join(dataset_dir, dst), reference if i else None, tolerance, images[0])
+        place_sitk_file(case, src, os.path.join(dataset_dir, dst), reference if i else None, tolerance, images[0],
+                        what=("non-contrast CT image", "contrast CT image")[i],
+                        reference_what="non-contrast CT image")
 
 
 def convert(release_dir: str, task: int = 1, raw: str | None = None, dataset_id: int | None = None,
@@ -245,10 +248,11 @@ def convert(release_dir: str, task: int = 1, raw: str | None = None, dataset_id:
                     raise CaseError(case, path, f"missing mask of {s}")
         image_out = [os.path.join("imagesTr", f"{case}_{c:04d}.nii.gz") for c in range(2)]
         label_out = os.path.join("labelsTr", f"{case}.nii.gz")
-        jobs.append(CaseJob(case, f"{__name__}:convert_case",
+        jobs.append(CaseJob(case, convert_case,
                             {"case": case, "images": images, "label_map": label_map, "masks": masks, "task": task,
                              "check_masks": check_masks, "tolerance": tolerance, "image_out": image_out,
-                             "label_out": label_out}, image_out + [label_out]))
+                             "label_out": label_out}, image_out + [label_out],
+                            images + ([label_map] if label_map else []) + list((masks or {}).values())))
     num_training = len(jobs)
     parent = os.path.dirname(os.path.abspath(train_dir))
     for folder in sorted(os.listdir(parent)):
@@ -261,10 +265,10 @@ def convert(release_dir: str, task: int = 1, raw: str | None = None, dataset_id:
                 if not os.path.isfile(path):
                     raise CaseError(case, path, f"missing {('non-contrast', 'contrast')[i]} CT channel")
             image_out = [os.path.join("imagesTs", f"{case}_{c:04d}.nii.gz") for c in range(2)]
-            jobs.append(CaseJob(case, f"{__name__}:convert_case",
+            jobs.append(CaseJob(case, convert_case,
                                 {"case": case, "images": images, "label_map": None, "masks": None, "task": task,
                                  "check_masks": False, "tolerance": tolerance, "image_out": image_out,
-                                 "label_out": None}, image_out))
+                                 "label_out": None}, image_out, images))
     dj = {
         "channel_names": {"0": "CT", "1": "CT"},
         "labels": labels_json(task),
@@ -319,10 +323,10 @@ def export_case(case: str, prediction: str, reference: str, task: int, out_forma
                 tolerance: float) -> list:
     import SimpleITK as sitk
     ref = Geometry.read(case, reference)
-    pred = read_sitk(case, prediction)
-    check_geometry(case, reference, ref, prediction, Geometry.of(pred), tolerance)
+    pred = read_sitk(case, prediction, "prediction")
+    check_geometry(case, reference, ref, prediction, Geometry.of(pred), tolerance, "prediction", "input image")
     arr = sitk.GetArrayFromImage(pred)
-    check_label_values(case, prediction, arr, range(len(CLASSES[task]) + 1))
+    check_label_values(case, prediction, arr, range(len(CLASSES[task]) + 1), "prediction")
     if out_format == "grand-challenge":
         path = os.path.join(out_dir, GC_OUTPUTS[task], f"{case}.mha")
         write_sitk(four_d_image([m for _, m in iter_decoded(arr, task)], ref), path)
@@ -340,7 +344,7 @@ def export_case(case: str, prediction: str, reference: str, task: int, out_forma
 
 def export(pred_dir: str, out_dir: str, images: str, task: int = 1, out_format: str = "validation",
            archive: str | None = "auto", num_processes: int = 1, tolerance: float = DEFAULT_GEOMETRY_TOLERANCE,
-           progress: bool = True) -> dict:
+           progress: bool = True, allow_extra: bool = False) -> dict:
     """nnU-Net predictions (label maps) -> SegRap2023 submission.
 
     ``out_format='validation'``: ``out_dir/<case>/<Organ>.nii.gz`` (uint8 0/1, the image's geometry) and the zip
@@ -354,12 +358,45 @@ def export(pred_dir: str, out_dir: str, images: str, task: int = 1, out_format: 
     refs = reference_images(images)
     preds = list_images(pred_dir)
     check_complete(refs, preds, f"SegRap2023 task {task} predictions", pred_dir)
+    check_extra(preds, refs, "input image", pred_dir, allow_extra)
+    prepare_output_folder(out_dir)
     items = [(c, {"case": c, "prediction": preds[c], "reference": r, "task": task, "out_format": out_format,
                   "out_dir": out_dir, "tolerance": tolerance}) for c, r in refs.items()]
-    written = run_parallel(f"{__name__}:export_case", items, num_processes, desc="exporting SegRap2023",
+    written = run_parallel(export_case, items, num_processes, desc="exporting SegRap2023",
                            progress=progress)
     result = {"files": [p for c in refs for p in written[c]]}
     if archive and out_format == "validation":
         zip_path = os.path.join(out_dir, f"segrap2023_task{task}_validation.zip") if archive == "auto" else archive
         result["archive"] = write_zip([(os.path.relpath(p, out_dir), p) for p in result["files"]], zip_path)
     return result
+
+
+# ------------------------------------------------------------------------------------------- the table entry
+
+def evaluate(pred: str, gt: str, **options) -> dict:
+    """:func:`nnunet_plugins.evaluation.segrap2023.evaluate` (imported on use: it needs scipy)."""
+    from nnunet_plugins.evaluation import segrap2023 as evaluation
+    return evaluation.evaluate(pred, gt, **options)
+
+
+_TASK = "1 = organs at risk, 2 = GTVs (default 1)"
+SPEC = Challenge(
+    name=CHALLENGE, title="SegRap2023", convert=convert, export=export, evaluate=evaluate,
+    default_dataset="601 (task 1) / 602 (task 2)",
+    convert_options=(
+        Option(("--task",), "task", _TASK, default=1, type=int, choices=(1, 2)),
+        Option(("--segrap-labels",), "labels", "labels from the shipped label maps, from the organ masks, or auto "
+               "(maps if present; default auto)", default="auto", choices=("auto", "map", "masks")),
+        Option(("--check-masks",), "check_masks", "also check every shipped label map against the organ masks",
+               flag=True)),
+    export_options=(
+        Option(("--task",), "task", _TASK, default=1, type=int, choices=(1, 2)),
+        Option(("--format",), "out_format", "per-organ validation layout + zip, or the test-phase 4-D .mha "
+               "(default validation)", default="validation", choices=("validation", "grand-challenge")),
+        *archive_options("segrap2023_task<T>_validation.zip")),
+    evaluate_options=(
+        Option(("--task",), "task", _TASK, default=1, type=int, choices=(1, 2)),
+        Option(("--no-round",), "round_decimals", "keep full precision (the official script rounds per-case values "
+               "to 4 decimals)", flag=True, to_param=lambda v: None if v else 4),
+        ignore_geometry_option("it compares arrays, spacing of the reference")),
+)

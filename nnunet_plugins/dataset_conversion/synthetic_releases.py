@@ -410,10 +410,48 @@ def kipa22(out_dir: str, train_ids=(0, 1, 2), test_ids=(70,), shape=(16, 32, 32)
     return out_dir
 
 
-def generate(challenge: str, out_dir: str, seed: int = 0, overwrite: bool = False, **kwargs) -> str:
-    """Write a synthetic release of ``challenge`` to ``out_dir``."""
+def _amos_splits(cases: int | None, test_cases: int | None) -> dict:
+    """AMOS22 splits with ``cases`` training cases (a third MRI, the first of them oblique) and ``test_cases``
+    test images; the validation split stays one CT and one oblique MRI case."""
+    training, _, test = AMOS_SPLITS["training"], AMOS_SPLITS["validation"], AMOS_SPLITS["test"]
+    if cases is not None:
+        n_mr = max(1, cases // 3) if cases >= 2 else 0
+        mr = ([507] + list(range(600, 600 + n_mr - 1)))[:n_mr]
+        training = (list(range(100, 100 + cases - n_mr)), mr)
+    if test_cases is not None:
+        n_mr = 1 if test_cases >= 2 else 0
+        test = (list(range(11, 11 + test_cases - n_mr)), [512][:n_mr])
+    return {"training": training, "validation": AMOS_SPLITS["validation"], "test": test}
+
+
+def generate(challenge: str, out_dir: str, seed: int = 0, overwrite: bool = False, cases: int | None = None,
+             test_cases: int | None = None, shape=None, **kwargs) -> str:
+    """Write a synthetic release of ``challenge`` to ``out_dir``: ``cases`` training cases, ``test_cases`` test (or
+    validation) images without labels, volumes of ``shape`` (z, y, x) voxels (None: the generator's default)."""
     generators = {"kits21": kits21, "amos22": amos22, "segrap2023": segrap2023, "myops2020": myops2020,
                   "kipa22": kipa22}
     if challenge not in generators:
         raise ChallengeError(f"unknown challenge {challenge!r}; choose from {', '.join(CHALLENGES)}")
+    for name, n in (("cases", cases), ("test cases", test_cases)):
+        if n is not None and n < (1 if name == "cases" else 0):
+            raise ChallengeError(f"number of {name} must be at least {1 if name == 'cases' else 0}, got {n}")
+    if shape is not None:
+        if len(shape) != 3 or min(shape) < 1:
+            raise ChallengeError(f"shape must be three positive sizes (z, y, x), got {tuple(shape)}")
+        kwargs["shape"] = tuple(int(s) for s in shape)
+    if challenge == "kits21":
+        if test_cases:
+            raise ChallengeError("the KiTS21 release has no test images; leave out --test-cases")
+        if cases is not None:
+            kwargs["num_cases"] = cases
+    elif challenge == "amos22":
+        kwargs["splits"] = _amos_splits(cases, test_cases)
+    elif challenge == "segrap2023":
+        kwargs.update({k: v for k, v in (("num_cases", cases), ("num_validation", test_cases)) if v is not None})
+    else:
+        first_train, first_test = {"myops2020": (101, 201), "kipa22": (0, 70)}[challenge]
+        if cases is not None:
+            kwargs["train_ids"] = tuple(range(first_train, first_train + cases))
+        if test_cases is not None:
+            kwargs["test_ids"] = tuple(range(first_test, first_test + test_cases))
     return generators[challenge](out_dir, seed=seed, overwrite=overwrite, **kwargs)

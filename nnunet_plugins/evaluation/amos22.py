@@ -13,9 +13,9 @@ import os
 import numpy as np
 
 from nnunet_plugins.dataset_conversion.amos22 import CASE_PATTERN, LABELS, in_task
-from nnunet_plugins.dataset_conversion.common import CaseError, ChallengeError, list_images, nifti_array, read_nifti
-from nnunet_plugins.evaluation.common import (dice, format_summary, opened_predictions, run_cases, summarize, unwrap,
-                                              write_results)
+from nnunet_plugins.dataset_conversion.common import ChallengeError, Geometry, list_images, load_file, nifti_array
+from nnunet_plugins.evaluation.common import (check_prediction_geometry, dice, match_cases, opened_predictions,
+                                              output_folder, run_evaluation, unwrap)
 from nnunet_plugins.evaluation.surface import compute_surface_distances, surface_dice_from_distances
 
 METRICS = ("DSC", "NSD")
@@ -39,13 +39,17 @@ def organ_metrics(pred: np.ndarray, ref: np.ndarray, spacing, tolerance_mm: floa
     return out
 
 
-def evaluate_case(case: str, prediction: str, reference: str, tolerance_mm: float) -> list:
-    ref_img = read_nifti(case, reference)
-    pred_img = read_nifti(case, prediction)
-    if tuple(ref_img.shape) != tuple(pred_img.shape):
-        raise CaseError(case, prediction, f"shape {pred_img.shape} differs from the reference {ref_img.shape}")
+def evaluate_case(case: str, prediction: str | None, reference: str, tolerance_mm: float) -> list:
+    """Metrics of one case; ``prediction=None`` scores an empty prediction."""
+    ref_img = load_file(case, reference, "reference label").nifti
     ref = np.asarray(nifti_array(case, reference, ref_img))
-    pred = np.asarray(nifti_array(case, prediction, pred_img))
+    if prediction is None:
+        pred = np.zeros_like(ref)
+    else:
+        pred_img = load_file(case, prediction, "prediction").nifti
+        check_prediction_geometry(case, reference, Geometry.from_nifti(ref_img), prediction,
+                                  Geometry.from_nifti(pred_img))
+        pred = np.asarray(nifti_array(case, prediction, pred_img))
     spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])   # nibabel array axes (x, y, z)
     return [{"case": case, "modality": "CT" if in_task(case, 1) else "MRI",
              **organ_metrics(pred, ref, spacing, tolerance_mm)}]
@@ -65,26 +69,49 @@ def reference_labels(gt_dir: str) -> dict:
     return refs
 
 
+def reference_set(gt_dir: str, refs: dict, preds: dict) -> dict:
+    """The reference cases the predictions are scored against. A release holds training (labelsTr) and validation
+    (labelsVa) labels: the reference set is the split(s) that hold predicted cases, and only their CT cases when no
+    MRI case is predicted (a task-1 submission); said in a note."""
+    splits = [os.path.join(gt_dir, f) for f in ("labelsTr", "labelsVa") if os.path.isdir(os.path.join(gt_dir, f))]
+    if not splits:
+        return refs
+    chosen = {}
+    names = []
+    for folder in splits:
+        cases = {c: p for c, p in refs.items() if os.path.dirname(p) == folder}
+        if set(cases) & set(preds):
+            chosen.update(cases)
+            names.append(os.path.basename(folder))
+    if not chosen:
+        return refs
+    if not any(not in_task(c, 1) for c in preds):
+        chosen = {c: p for c, p in chosen.items() if in_task(c, 1)}
+        names = [f"{n} (CT cases: task 1)" for n in names]
+    print(f"reference: {', '.join(names)} of {gt_dir}, {len(chosen)} cases")
+    return chosen
+
+
 def evaluate(pred: str, gt_dir: str, tolerance_mm: float = DEFAULT_TOLERANCE_MM, out_dir: str | None = None,
-             num_processes: int = 1, progress: bool = True, verbose: bool = True) -> dict:
-    """Evaluate AMOS22 predictions (a folder or the submission zip of ``amos_XXXX.nii.gz``) against labels."""
+             num_processes: int = 1, progress: bool = True, verbose: bool = True, missing: str = "error",
+             allow_extra: bool = False) -> dict:
+    """Evaluate AMOS22 predictions (a folder or the submission zip of ``amos_XXXX.nii.gz``) against labels.
+
+    ``missing`` / ``allow_extra``: see :func:`nnunet_plugins.evaluation.common.match_cases`. The prediction's
+    geometry must be the reference's (the organisers' code was not available, so there is no official behaviour to
+    follow here)."""
     refs = reference_labels(gt_dir)
+    out_dir = output_folder(out_dir, pred)
     with opened_predictions(pred) as folder:
         folder = unwrap(folder, lambda f: any(CASE_PATTERN.match(s) for s in list_images(f, (".nii.gz",))))
         preds = {s: p for s, p in list_images(folder, (".nii.gz",)).items() if CASE_PATTERN.match(s)}
         if not preds:
             raise ChallengeError(f"no AMOS22 predictions (amos_XXXX.nii.gz) in {pred}")
-        missing = sorted(set(preds) - set(refs))
-        if missing:
-            raise ChallengeError(f"no reference label for {len(missing)} predicted case(s): {', '.join(missing)}")
+        refs = reference_set(gt_dir, refs, preds)
+        pairs, notes = match_cases(refs, preds, pred, missing, allow_extra)
         items = [(c, {"case": c, "prediction": p, "reference": refs[c], "tolerance_mm": tolerance_mm})
-                 for c, p in preds.items()]
-        rows = run_cases(f"{__name__}:evaluate_case", items, num_processes, "evaluating AMOS22", progress)
-    summary = summarize(rows, METRICS, STRUCTURES)
-    meta = {"tolerance_mm": tolerance_mm, "predictions": os.path.abspath(pred), "ground_truth": os.path.abspath(gt_dir)}
-    default_out = pred if os.path.isdir(pred) else os.path.dirname(os.path.abspath(pred))
-    paths = write_results("amos22", rows, summary, out_dir or default_out, meta)
-    if verbose:
-        print(format_summary("AMOS22", summary, METRICS, STRUCTURES))
-        print(f"tables: {paths['per_case_csv']}, {paths['summary_csv']}, {paths['json']}")
-    return {"rows": rows, "summary": summary, "files": paths, **meta}
+                 for c, p in pairs]
+        meta = {"tolerance_mm": tolerance_mm, "predictions": os.path.abspath(pred),
+                "ground_truth": os.path.abspath(gt_dir), **notes}
+        return run_evaluation("amos22", "AMOS22", evaluate_case, items, METRICS, STRUCTURES, out_dir, meta,
+                              num_processes, progress, verbose)

@@ -13,7 +13,12 @@ from typing import Sequence
 
 import numpy as np
 
-from nnunet_plugins.dataset_conversion.common import ChallengeError, run_parallel, write_json, write_text
+from nnunet_plugins.dataset_conversion.common import (DEFAULT_GEOMETRY_TOLERANCE, ChallengeError, IncompleteError,
+                                                      check_extra, check_geometry, prepare_output_folder, run_parallel,
+                                                      write_json, write_text)
+
+#: what ``evaluate`` does with reference cases that have no prediction (``--missing``)
+MISSING_RULES = ("error", "empty", "skip")
 
 
 def dice(mask_a: np.ndarray, mask_b: np.ndarray, both_empty: float = 1.0) -> float:
@@ -58,10 +63,69 @@ def unwrap(folder: str, accept) -> str:
     return folder
 
 
-def run_cases(dotted: str, items: Sequence[tuple[str, dict]], num_processes: int, desc: str,
+def match_cases(references: dict, predictions: dict, where: str, missing: str = "error",
+                allow_extra: bool = False) -> tuple[list, dict]:
+    """Pair reference cases with predictions: ([(case, prediction or None), ...] in reference order, notes).
+
+    A prediction that matches no reference is an error unless ``allow_extra`` (the rule of ``export``). A reference
+    case without a prediction is an error listing every such case (``missing='error'``, the default: the challenges
+    score a missing case as worst), is scored as an empty prediction (``'empty'``), or is left out with a note
+    (``'skip'``, e.g. for the predictions of one cross-validation fold); never silently.
+    """
+    if missing not in MISSING_RULES:
+        raise ChallengeError(f"missing must be one of {', '.join(MISSING_RULES)}, got {missing!r}")
+    if not predictions:
+        raise ChallengeError(f"no predictions in {where}")
+    extra = check_extra(predictions, references, "reference case", where, allow_extra)
+    absent = sorted(set(references) - set(predictions))
+    notes = {"extra_predictions": extra, "missing_predictions": absent, "missing_rule": missing}
+    if absent and missing == "error":
+        raise IncompleteError("prediction(s) of reference cases", absent, where,
+                              " (pass --missing empty to score them as empty predictions, or --missing skip to "
+                              "leave them out)")
+    if absent:
+        what = "scored as empty predictions" if missing == "empty" else "left out of the evaluation"
+        print(f"note: {len(absent)} reference case(s) have no prediction in {where} and are {what}: "
+              f"{', '.join(absent)}")
+    pairs = [(c, predictions.get(c)) for c in references if c in predictions or missing == "empty"]
+    return pairs, notes
+
+
+def check_prediction_geometry(case: str, reference_path: str, reference, prediction_path: str, prediction,
+                              ignore_geometry: bool = False) -> None:
+    """The geometry rule of ``evaluate``: the prediction must have the reference's geometry, checked as ``export``
+    checks it (same tolerance, same message) unless ``ignore_geometry`` (where the official code ignores it)."""
+    if not ignore_geometry:
+        check_geometry(case, reference_path, reference.three_d(), prediction_path, prediction.three_d(),
+                       DEFAULT_GEOMETRY_TOLERANCE, "prediction", "reference")
+
+
+def output_folder(out_dir: str | None, pred: str) -> str:
+    """``-o`` or the prediction folder (for a zip: its folder), checked to be writable before any work."""
+    default = pred if os.path.isdir(pred) else os.path.dirname(os.path.abspath(pred))
+    return prepare_output_folder(out_dir or default, "output folder")
+
+
+def run_evaluation(name: str, title: str, function, items: Sequence[tuple[str, dict]], metrics: Sequence[str],
+                   structures: Sequence[str], out_dir: str, meta: dict, num_processes: int, progress: bool,
+                   verbose: bool, group_by: str | None = None, extra_lines: Sequence[str] = ()) -> dict:
+    """The shared tail of every evaluator: score ``items`` with ``function`` in parallel, summarise, write the
+    tables (``<name>_per_case.csv``, ``<name>_summary.csv``, ``<name>_evaluation.json``) and print the summary."""
+    rows = run_cases(function, items, num_processes, f"evaluating {title}", progress)
+    summary = summarize(rows, metrics, structures, group_by)
+    paths = write_results(name, rows, summary, out_dir, meta)
+    if verbose:
+        print(format_summary(title, summary, metrics, structures))
+        for line in extra_lines:
+            print(line)
+        print(f"tables: {paths['per_case_csv']}, {paths['summary_csv']}, {paths['json']}")
+    return {"rows": rows, "summary": summary, "files": paths, **meta}
+
+
+def run_cases(function, items: Sequence[tuple[str, dict]], num_processes: int, desc: str,
               progress: bool = True) -> list[dict]:
     """Evaluate cases in parallel; each call returns a list of row dicts. Rows come back in ``items`` order."""
-    results = run_parallel(dotted, items, num_processes, desc=desc, progress=progress)
+    results = run_parallel(function, items, num_processes, desc=desc, progress=progress)
     rows = []
     for key, _ in items:
         rows.extend(results[key])

@@ -23,10 +23,10 @@ import os
 
 import numpy as np
 
-from nnunet_plugins.dataset_conversion.common import CaseError, ChallengeError, list_images, read_sitk
+from nnunet_plugins.dataset_conversion.common import CaseError, Geometry, list_images, read_sitk, size_message
 from nnunet_plugins.dataset_conversion.kipa22 import STRUCTURES as STRUCTURE_NAMES
 from nnunet_plugins.dataset_conversion.kipa22 import original_name
-from nnunet_plugins.evaluation.common import format_summary, run_cases, summarize, write_results
+from nnunet_plugins.evaluation.common import check_prediction_geometry, match_cases, output_folder, run_evaluation
 from nnunet_plugins.evaluation.surface import contour_voxels, hausdorff_and_average
 
 METRICS = ("DSC", "HD", "AVD")
@@ -83,14 +83,22 @@ def distance_metrics(pred_1mm: np.ndarray, ref_1mm: np.ndarray) -> dict:
     return out
 
 
-def evaluate_case(case: str, prediction: str, reference: str, official_spacing_bug: bool) -> list:
+def evaluate_case(case: str, prediction: str | None, reference: str, official_spacing_bug: bool,
+                  ignore_geometry: bool = False) -> list:
+    """Metrics of one case; ``prediction=None`` scores an empty prediction."""
     import SimpleITK as sitk
-    ref_img = read_sitk(case, reference)
-    pred_img = read_sitk(case, prediction)
+    ref_img = read_sitk(case, reference, "reference label")
+    if prediction is None:
+        pred_img = sitk.Image(ref_img.GetSize(), ref_img.GetPixelID())
+        pred_img.CopyInformation(ref_img)
+    else:
+        pred_img = read_sitk(case, prediction, "prediction")
+        check_prediction_geometry(case, reference, Geometry.of(ref_img), prediction, Geometry.of(pred_img),
+                                  ignore_geometry)
     ref = sitk.GetArrayFromImage(ref_img)
     pred = sitk.GetArrayFromImage(pred_img)
     if ref.shape != pred.shape:
-        raise CaseError(case, prediction, f"shape {pred.shape} differs from the reference {ref.shape}")
+        raise CaseError(case, prediction, size_message("prediction", pred.shape, "reference", ref.shape))
     row = {"case": case}
     for value, name in zip(LABEL_VALUES, STRUCTURES):
         row[f"DSC_{name}"] = official_dice(pred == value, ref == value)
@@ -118,26 +126,21 @@ def _with_size(image, size_from):
 
 
 def evaluate(pred_dir: str, gt_dir: str, official_spacing_bug: bool = False, out_dir: str | None = None,
-             num_processes: int = 1, progress: bool = True, verbose: bool = True) -> dict:
+             num_processes: int = 1, progress: bool = True, verbose: bool = True, missing: str = "error",
+             allow_extra: bool = False, ignore_geometry: bool = False) -> dict:
     """Evaluate KiPA22 predictions (``N.nii.gz`` or nnU-Net's ``KiPA_N.nii.gz``) against ``gt_dir`` (e.g. the
-    release's train/label folder, or the release itself)."""
+    release's train/label folder, or the release itself). ``missing`` / ``allow_extra``: see
+    :func:`nnunet_plugins.evaluation.common.match_cases`; ``ignore_geometry``: score predictions whose geometry
+    differs from the reference's, as the official script does (it resamples each image with its own geometry)."""
     gt_folder = os.path.join(gt_dir, "train", "label") if os.path.isdir(os.path.join(gt_dir, "train", "label")) \
         else gt_dir
+    out_dir = output_folder(out_dir, pred_dir)
     refs = {original_name(k): v for k, v in list_images(gt_folder, (".nii.gz",)).items()}
     preds = {original_name(k): v for k, v in list_images(pred_dir, (".nii.gz",)).items()}
-    if not preds:
-        raise ChallengeError(f"no KiPA22 predictions in {pred_dir}")
-    missing = sorted(set(preds) - set(refs))
-    if missing:
-        raise ChallengeError(f"no reference for {len(missing)} predicted case(s): {', '.join(missing)}")
-    items = [(c, {"case": c, "prediction": p, "reference": refs[c], "official_spacing_bug": official_spacing_bug})
-             for c, p in preds.items()]
-    rows = run_cases(f"{__name__}:evaluate_case", items, num_processes, "evaluating KiPA22", progress)
-    summary = summarize(rows, METRICS, STRUCTURES)
+    pairs, notes = match_cases(refs, preds, pred_dir, missing, allow_extra)
+    items = [(c, {"case": c, "prediction": p, "reference": refs[c], "official_spacing_bug": official_spacing_bug,
+                  "ignore_geometry": ignore_geometry}) for c, p in pairs]
     meta = {"official_spacing_bug": official_spacing_bug, "predictions": os.path.abspath(pred_dir),
-            "ground_truth": os.path.abspath(gt_dir)}
-    paths = write_results("kipa22", rows, summary, out_dir or pred_dir, meta)
-    if verbose:
-        print(format_summary("KiPA22", summary, METRICS, STRUCTURES))
-        print(f"tables: {paths['per_case_csv']}, {paths['summary_csv']}, {paths['json']}")
-    return {"rows": rows, "summary": summary, "files": paths, **meta}
+            "ground_truth": os.path.abspath(gt_dir), "ignore_geometry": ignore_geometry, **notes}
+    return run_evaluation("kipa22", "KiPA22", evaluate_case, items, METRICS, STRUCTURES, out_dir, meta,
+                          num_processes, progress, verbose)

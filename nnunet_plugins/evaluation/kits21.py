@@ -20,10 +20,11 @@ import os
 
 import numpy as np
 
-from nnunet_plugins.dataset_conversion.common import CaseError, ChallengeError, list_images, read_sitk
+from nnunet_plugins.dataset_conversion.common import (CaseError, ChallengeError, Geometry, list_images, read_sitk,
+                                                      size_message)
 from nnunet_plugins.dataset_conversion.kits21 import (HEC_LABELS, LABEL_FILES, SAMPLES_FOLDER, TOLERANCE_REVISIONS,
                                                       find_case_folders)
-from nnunet_plugins.evaluation.common import dice, format_summary, run_cases, summarize, write_results
+from nnunet_plugins.evaluation.common import check_prediction_geometry, dice, match_cases, output_folder, run_evaluation
 from nnunet_plugins.evaluation.surface import compute_surface_distances, surface_dice_from_distances
 
 METRICS = ("Dice", "SD")
@@ -48,14 +49,18 @@ def hec_metrics(pred: np.ndarray, ref: np.ndarray, spacing, tolerances: dict) ->
     return out
 
 
-def _array(case, path):
+def _array(case, path, what):
     import SimpleITK as sitk
-    img = read_sitk(case, path)
-    return sitk.GetArrayFromImage(img), tuple(img.GetSpacing()[::-1])
+    img = read_sitk(case, path, what)
+    return sitk.GetArrayFromImage(img), tuple(img.GetSpacing()[::-1]), Geometry.of(img)
 
 
-def evaluate_case(case: str, prediction: str, majority: str | None, samples: list, tolerances: dict) -> list:
-    pred, spacing = _array(case, prediction)
+def evaluate_case(case: str, prediction: str | None, majority: str | None, samples: list, tolerances: dict,
+                  ignore_geometry: bool = False) -> list:
+    """Metrics of one case against its references; ``prediction=None`` scores an empty prediction."""
+    pred = spacing = geometry = None
+    if prediction is not None:
+        pred, spacing, geometry = _array(case, prediction, "prediction")
     rows = []
     refs = []
     if majority:
@@ -65,15 +70,31 @@ def evaluate_case(case: str, prediction: str, majority: str | None, samples: lis
     for kind, files in refs:
         per_file = []
         for f in files:
-            ref, _ = _array(case, f)
+            ref, ref_spacing, ref_geometry = _array(case, f, "reference label")
+            if pred is None:
+                pred, spacing = np.zeros_like(ref), ref_spacing
+            elif geometry is not None:
+                check_prediction_geometry(case, f, ref_geometry, prediction, geometry, ignore_geometry)
             if ref.shape != pred.shape:
-                raise CaseError(case, prediction, f"shape {pred.shape} differs from the reference {f} {ref.shape}")
+                raise CaseError(case, prediction,
+                                size_message("prediction", pred.shape, f"reference {f}", ref.shape))
             per_file.append(hec_metrics(pred, ref, spacing, tolerances))
         row = {"case": case, "reference": kind, "num_references": len(files)}
         for key in per_file[0]:
             row[key] = float(np.mean([m[key] for m in per_file]))
         rows.append(row)
     return rows
+
+
+def reference_cases(gt_dir: str) -> list:
+    """The case ids of a KiTS21 release or a flat folder of ``case_XXXXX`` label files."""
+    try:
+        return find_case_folders(gt_dir)[1]
+    except ChallengeError:
+        cases = sorted(list_images(gt_dir))
+    if not cases:
+        raise ChallengeError(f"no KiTS21 references in {gt_dir}: expected case_XXXXX folders or label files")
+    return cases
 
 
 def references(gt_dir: str, case: str, reference: str) -> tuple[str | None, list]:
@@ -106,31 +127,31 @@ def references(gt_dir: str, case: str, reference: str) -> tuple[str | None, list
 
 
 def evaluate(pred_dir: str, gt_dir: str, reference: str = "both", tolerances: str = "final",
-             out_dir: str | None = None, num_processes: int = 1, progress: bool = True, verbose: bool = True) -> dict:
+             out_dir: str | None = None, num_processes: int = 1, progress: bool = True, verbose: bool = True,
+             missing: str = "error", allow_extra: bool = False, ignore_geometry: bool = False) -> dict:
     """Evaluate KiTS21 predictions (``case_XXXXX.nii.gz``, labels 1-3) against ``gt_dir``.
 
     ``reference``: ``majority``, ``samples`` or ``both`` (majority vote, plus the samples where present).
+    ``missing`` / ``allow_extra``: see :func:`nnunet_plugins.evaluation.common.match_cases`. ``ignore_geometry``:
+    score predictions whose geometry differs from the reference's, as the official code does (it uses the
+    prediction's spacing and never compares the geometry).
     """
     if reference not in ("majority", "samples", "both"):
         raise ChallengeError(f"reference must be majority, samples or both, got {reference!r}")
     if tolerances not in TOLERANCE_REVISIONS:
         raise ChallengeError(f"tolerances must be one of {sorted(TOLERANCE_REVISIONS)}, got {tolerances!r}")
     revision, tol = TOLERANCE_REVISIONS[tolerances]
+    out_dir = output_folder(out_dir, pred_dir)
     preds = list_images(pred_dir, (".nii.gz", ".mha"))
-    if not preds:
-        raise ChallengeError(f"no predictions (case_XXXXX.nii.gz) in {pred_dir}")
+    pairs, notes = match_cases({c: c for c in reference_cases(gt_dir)}, preds, pred_dir, missing, allow_extra)
     items = []
-    for case, path in preds.items():
+    for case, path in pairs:
         majority, samples = references(gt_dir, case, reference)
         items.append((case, {"case": case, "prediction": path, "majority": majority, "samples": samples,
-                             "tolerances": tol}))
-    rows = run_cases(f"{__name__}:evaluate_case", items, num_processes, "evaluating KiTS21", progress)
-    summary = summarize(rows, METRICS, STRUCTURES, group_by="reference")
+                             "tolerances": tol, "ignore_geometry": ignore_geometry}))
     meta = {"tolerance_revision": revision, "tolerances_mm": tol, "reference": reference,
-            "predictions": os.path.abspath(pred_dir), "ground_truth": os.path.abspath(gt_dir)}
-    paths = write_results("kits21", rows, summary, out_dir or pred_dir, meta)
-    if verbose:
-        print(format_summary("KiTS21", summary, METRICS, STRUCTURES))
-        print(f"tolerances: {revision}")
-        print(f"tables: {paths['per_case_csv']}, {paths['summary_csv']}, {paths['json']}")
-    return {"rows": rows, "summary": summary, "files": paths, **meta}
+            "predictions": os.path.abspath(pred_dir), "ground_truth": os.path.abspath(gt_dir),
+            "ignore_geometry": ignore_geometry, **notes}
+    return run_evaluation("kits21", "KiTS21", evaluate_case, items, METRICS, STRUCTURES, out_dir, meta,
+                          num_processes, progress, verbose, group_by="reference",
+                          extra_lines=[f"tolerances: {revision}"])

@@ -14,9 +14,10 @@ import re
 
 import numpy as np
 
-from nnunet_plugins.dataset_conversion.common import CaseError, ChallengeError, list_images, read_sitk
+from nnunet_plugins.dataset_conversion.common import (CaseError, ChallengeError, Geometry, list_images, read_sitk,
+                                                      size_message)
 from nnunet_plugins.dataset_conversion.myops2020 import EDEMA, FROM_NNUNET, LABEL_FOLDER, SCAR, TO_NNUNET, remap
-from nnunet_plugins.evaluation.common import dice, format_summary, run_cases, summarize, write_results
+from nnunet_plugins.evaluation.common import check_prediction_geometry, dice, match_cases, output_folder, run_evaluation
 
 METRICS = ("Dice",)
 STRUCTURES = ("scar", "edema_scar")
@@ -34,12 +35,19 @@ def to_original(case: str, path: str, arr: np.ndarray, labels: str) -> np.ndarra
     return arr if labels == "original" else remap(arr, FROM_NNUNET, np.uint16)
 
 
-def evaluate_case(case: str, prediction: str, reference: str, labels: str) -> list:
+def evaluate_case(case: str, prediction: str | None, reference: str, labels: str) -> list:
+    """Metrics of one case; ``prediction=None`` scores an empty prediction."""
     import SimpleITK as sitk
-    pred = to_original(case, prediction, sitk.GetArrayFromImage(read_sitk(case, prediction)), labels)
-    ref = to_original(case, reference, sitk.GetArrayFromImage(read_sitk(case, reference)), labels)
+    ref_img = read_sitk(case, reference, "reference label")
+    ref = to_original(case, reference, sitk.GetArrayFromImage(ref_img), labels)
+    if prediction is None:
+        pred = np.zeros_like(ref)
+    else:
+        pred_img = read_sitk(case, prediction, "prediction")
+        check_prediction_geometry(case, reference, Geometry.of(ref_img), prediction, Geometry.of(pred_img))
+        pred = to_original(case, prediction, sitk.GetArrayFromImage(pred_img), labels)
     if pred.shape != ref.shape:
-        raise CaseError(case, prediction, f"shape {pred.shape} differs from the reference {ref.shape}")
+        raise CaseError(case, prediction, size_message("prediction", pred.shape, "reference", ref.shape))
     return [{"case": case,
              "Dice_scar": dice(pred == SCAR, ref == SCAR),
              "Dice_edema_scar": dice(np.isin(pred, (EDEMA, SCAR)), np.isin(ref, (EDEMA, SCAR))),
@@ -51,24 +59,18 @@ def _by_case(folder: str) -> dict:
 
 
 def evaluate(pred_dir: str, gt_dir: str, labels: str = "auto", out_dir: str | None = None, num_processes: int = 1,
-             progress: bool = True, verbose: bool = True) -> dict:
+             progress: bool = True, verbose: bool = True, missing: str = "error", allow_extra: bool = False) -> dict:
+    """Evaluate MyoPS2020 predictions against ``gt_dir`` (``missing`` / ``allow_extra``: see
+    :func:`nnunet_plugins.evaluation.common.match_cases`; the prediction's geometry must be the reference's: the
+    organisers' code was not available, so there is no official behaviour to follow)."""
     if labels not in ("auto", "original", "nnunet"):
         raise ChallengeError(f"labels must be auto, original or nnunet, got {labels!r}")
     gt_folder = os.path.join(gt_dir, LABEL_FOLDER) if os.path.isdir(os.path.join(gt_dir, LABEL_FOLDER)) else gt_dir
+    out_dir = output_folder(out_dir, pred_dir)
     refs = _by_case(gt_folder)
-    preds = _by_case(pred_dir)
-    if not preds:
-        raise ChallengeError(f"no MyoPS2020 predictions in {pred_dir}")
-    missing = sorted(set(preds) - set(refs))
-    if missing:
-        raise ChallengeError(f"no reference for {len(missing)} predicted case(s): {', '.join(missing)}")
-    items = [(c, {"case": c, "prediction": p, "reference": refs[c], "labels": labels}) for c, p in preds.items()]
-    rows = run_cases(f"{__name__}:evaluate_case", items, num_processes, "evaluating MyoPS2020", progress)
-    summary = summarize(rows, METRICS, STRUCTURES)
+    pairs, notes = match_cases(refs, _by_case(pred_dir), pred_dir, missing, allow_extra)
+    items = [(c, {"case": c, "prediction": p, "reference": refs[c], "labels": labels}) for c, p in pairs]
     meta = {"predictions": os.path.abspath(pred_dir), "ground_truth": os.path.abspath(gt_dir),
-            "empty_rule": "both masks empty -> Dice 1"}
-    paths = write_results("myops2020", rows, summary, out_dir or pred_dir, meta)
-    if verbose:
-        print(format_summary("MyoPS2020", summary, METRICS, STRUCTURES))
-        print(f"tables: {paths['per_case_csv']}, {paths['summary_csv']}, {paths['json']}")
-    return {"rows": rows, "summary": summary, "files": paths, **meta}
+            "empty_rule": "both masks empty -> Dice 1", **notes}
+    return run_evaluation("myops2020", "MyoPS2020", evaluate_case, items, METRICS, STRUCTURES, out_dir, meta,
+                          num_processes, progress, verbose)

@@ -16,11 +16,12 @@ import os
 
 import numpy as np
 
-from nnunet_plugins.dataset_conversion.common import (CaseError, ChallengeError, list_images, read_sitk)
+from nnunet_plugins.dataset_conversion.common import (CaseError, ChallengeError, Geometry, list_images, read_sitk,
+                                                      size_message)
 from nnunet_plugins.dataset_conversion.segrap2023 import (GC_OUTPUTS, NSD_TOLERANCE_MM, STRUCTURES, TRAINING_FOLDER,
                                                           _check_task, iter_decoded)
-from nnunet_plugins.evaluation.common import (dice, format_summary, opened_predictions, run_cases, summarize, unwrap,
-                                              write_results)
+from nnunet_plugins.evaluation.common import (check_prediction_geometry, dice, match_cases, opened_predictions,
+                                              output_folder, run_evaluation, unwrap)
 from nnunet_plugins.evaluation.surface import compute_surface_distances, surface_dice_from_distances
 
 METRICS = ("DSC", "NSD")
@@ -44,34 +45,34 @@ class Source:
     def __init__(self, kind: str, path: str):
         self.kind, self.path = kind, path
 
-    def structures(self, case: str, task: int):
-        """Yield (structure, mask array, spacing in array order)."""
+    def structures(self, case: str, task: int, what: str):
+        """Yield (structure, mask array, spacing in array order, file, 3-D geometry)."""
         import SimpleITK as sitk
         names = STRUCTURES[task]
         if self.kind == "files":
             for s in names:
                 f = os.path.join(self.path, f"{s}.nii.gz")
                 if not os.path.isfile(f):
-                    raise CaseError(case, f, f"missing mask of {s}")
-                img = read_sitk(case, f)
-                yield s, sitk.GetArrayFromImage(img), tuple(img.GetSpacing()[::-1])
+                    raise CaseError(case, f, f"missing {what} mask of {s}")
+                img = read_sitk(case, f, what)
+                yield s, sitk.GetArrayFromImage(img), tuple(img.GetSpacing()[::-1]), f, Geometry.of(img)
         elif self.kind == "map":
-            img = read_sitk(case, self.path)
-            spacing = tuple(img.GetSpacing()[::-1])
+            img = read_sitk(case, self.path, what)
+            spacing, geometry = tuple(img.GetSpacing()[::-1]), Geometry.of(img)
             try:
                 for s, m in iter_decoded(sitk.GetArrayFromImage(img), task):
-                    yield s, m, spacing
+                    yield s, m, spacing, self.path, geometry
             except ValueError as e:
                 raise CaseError(case, self.path, str(e)) from None
         else:
-            img = read_sitk(case, self.path)
+            img = read_sitk(case, self.path, what)
             arr = sitk.GetArrayFromImage(img)
             if arr.ndim != 4 or arr.shape[0] != len(names):
                 raise CaseError(case, self.path, f"expected a 4-D image with {len(names)} channels, got array "
                                                  f"shape {arr.shape}")
-            spacing = tuple(img.GetSpacing()[:3][::-1])
+            spacing, geometry = tuple(img.GetSpacing()[:3][::-1]), Geometry.of(img).three_d()
             for i, s in enumerate(names):
-                yield s, arr[i], spacing
+                yield s, arr[i], spacing, self.path, geometry
 
 
 def _is_four_d(path: str) -> bool:
@@ -105,13 +106,21 @@ def discover(folder: str, task: int) -> dict:
     return out
 
 
-def evaluate_case(case: str, prediction: Source, reference: Source, task: int, round_decimals: int | None) -> list:
+def evaluate_case(case: str, prediction: Source | None, reference: Source, task: int, round_decimals: int | None,
+                  ignore_geometry: bool = False) -> list:
+    """Metrics of one case; ``prediction=None`` scores an empty prediction."""
     row = {"case": case}
-    refs = reference.structures(case, task)
-    preds = prediction.structures(case, task)
-    for (s, ref, spacing), (_, pred, _) in zip(refs, preds):
+    refs = reference.structures(case, task, "reference")
+    preds = prediction.structures(case, task, "prediction") if prediction is not None else None
+    for s, ref, spacing, ref_file, ref_geometry in refs:
+        if preds is None:
+            pred = np.zeros_like(ref)
+        else:
+            _, pred, _, pred_file, pred_geometry = next(preds)
+            check_prediction_geometry(case, ref_file, ref_geometry, pred_file, pred_geometry, ignore_geometry)
         if ref.shape != pred.shape:
-            raise CaseError(case, prediction.path, f"{s}: shape {pred.shape} differs from the reference {ref.shape}")
+            raise CaseError(case, prediction.path,
+                            f"{s}: " + size_message("prediction", pred.shape, "reference", ref.shape))
         d, nsd = structure_metrics(pred, ref, spacing, NSD_TOLERANCE_MM[s])
         if round_decimals is not None:
             d, nsd = round(d, round_decimals), round(nsd, round_decimals)
@@ -120,30 +129,28 @@ def evaluate_case(case: str, prediction: Source, reference: Source, task: int, r
 
 
 def evaluate(pred: str, gt: str, task: int = 1, round_decimals: int | None = 4, out_dir: str | None = None,
-             num_processes: int = 1, progress: bool = True, verbose: bool = True) -> dict:
-    """Evaluate SegRap2023 predictions of ``task`` against references (see the module docstring)."""
+             num_processes: int = 1, progress: bool = True, verbose: bool = True, missing: str = "error",
+             allow_extra: bool = False, ignore_geometry: bool = False) -> dict:
+    """Evaluate SegRap2023 predictions of ``task`` against references (see the module docstring). ``missing`` /
+    ``allow_extra``: see :func:`nnunet_plugins.evaluation.common.match_cases`; ``ignore_geometry``: score
+    predictions whose geometry differs from the reference's, as the official scripts do (they compare arrays and
+    take the spacing of the reference)."""
     _check_task(task)
     refs = discover(gt, task)
     if not refs:
         raise ChallengeError(f"no SegRap2023 references in {gt}")
+    out_dir = output_folder(out_dir, pred)
     with opened_predictions(pred) as folder:
         folder = unwrap(folder, lambda f: bool(discover(f, task)))
         preds = discover(folder, task)
         if not preds:
             raise ChallengeError(f"no SegRap2023 task {task} predictions in {pred}")
-        missing = sorted(set(preds) - set(refs))
-        if missing:
-            raise ChallengeError(f"no reference for {len(missing)} predicted case(s): {', '.join(missing)}")
+        pairs, notes = match_cases(refs, preds, pred, missing, allow_extra)
         items = [(c, {"case": c, "prediction": p, "reference": refs[c], "task": task,
-                      "round_decimals": round_decimals}) for c, p in preds.items()]
-        rows = run_cases(f"{__name__}:evaluate_case", items, num_processes, "evaluating SegRap2023", progress)
-    structures = STRUCTURES[task]
-    summary = summarize(rows, METRICS, structures)
-    meta = {"task": task, "tolerances_mm": {s: NSD_TOLERANCE_MM[s] for s in structures},
-            "round_decimals": round_decimals, "predictions": os.path.abspath(pred), "ground_truth": os.path.abspath(gt)}
-    default_out = pred if os.path.isdir(pred) else os.path.dirname(os.path.abspath(pred))
-    paths = write_results(f"segrap2023_task{task}", rows, summary, out_dir or default_out, meta)
-    if verbose:
-        print(format_summary(f"SegRap2023 task {task}", summary, METRICS, structures))
-        print(f"tables: {paths['per_case_csv']}, {paths['summary_csv']}, {paths['json']}")
-    return {"rows": rows, "summary": summary, "files": paths, **meta}
+                      "round_decimals": round_decimals, "ignore_geometry": ignore_geometry}) for c, p in pairs]
+        structures = STRUCTURES[task]
+        meta = {"task": task, "tolerances_mm": {s: NSD_TOLERANCE_MM[s] for s in structures},
+                "round_decimals": round_decimals, "predictions": os.path.abspath(pred),
+                "ground_truth": os.path.abspath(gt), "ignore_geometry": ignore_geometry, **notes}
+        return run_evaluation(f"segrap2023_task{task}", f"SegRap2023 task {task}", evaluate_case, items, METRICS,
+                              structures, out_dir, meta, num_processes, progress, verbose)

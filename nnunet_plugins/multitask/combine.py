@@ -226,11 +226,22 @@ def _convert_job(args) -> None:
     convert_case(*args)
 
 
-def _map(func, jobs: list, num_processes: int) -> list:
-    if num_processes <= 1 or len(jobs) <= 1:
-        return [func(j) for j in jobs]
-    with ProcessPoolExecutor(max_workers=min(num_processes, len(jobs))) as pool:
-        return list(pool.map(func, jobs))
+def _map(func, jobs: list, num_processes: int, desc: str = "", progress: bool = False) -> list:
+    """``[func(j) for j in jobs]`` in ``num_processes`` processes, with the converters' progress bar."""
+    from nnunet_plugins.dataset_conversion.common import progress_bar
+
+    results = []
+    with progress_bar(len(jobs), desc, progress) as bar:
+        if num_processes <= 1 or len(jobs) <= 1:
+            for j in jobs:
+                results.append(func(j))
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=min(num_processes, len(jobs))) as pool:
+                for r in pool.map(func, jobs):
+                    results.append(r)
+                    bar.update()
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -327,7 +338,7 @@ def combine_datasets(sources: list, dataset_id: int, name: str = "Universal", *,
         if verbose:
             print(f"{s.name}: statistics of {len(s.training)} training cases")
         merged = IntensityStatistics(n_ch)
-        for part in _map(_statistics_job, jobs, num_processes):
+        for part in _map(_statistics_job, jobs, num_processes, f"statistics of {s.name}", verbose):
             merged.merge(part)
         stats.append(merged)
     spec = build_task_specs(loaded, stats)
@@ -349,7 +360,7 @@ def combine_datasets(sources: list, dataset_id: int, name: str = "Universal", *,
                              dirs["labelsTs"], f"{s.name} test case {c.case}"))
         if verbose:
             print(f"writing {len(jobs)} cases")
-        _map(_convert_job, jobs, num_processes)
+        _map(_convert_job, jobs, num_processes, f"writing {folder_name}", verbose)
         for sub in ("labelsTs", "imagesTs"):
             if not os.listdir(dirs[sub]):
                 os.rmdir(dirs[sub])

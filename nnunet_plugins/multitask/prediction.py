@@ -265,8 +265,10 @@ def predict_multitask(model_folder: str, input_folder: str, output_folder: str, 
     normalised, all channels), or - with ``task`` - raw images of that source task in the source's own
     format, which are normalised and padded here exactly as ``combine`` does.
     """
+    from nnunet_plugins.dataset_conversion.input_check import check_model_inputs
     from nnunet_plugins.multitask.combine import convert_source_images, list_cases
 
+    check_model_inputs(model_folder, input_folder, task)   # channels, complete files, geometry: before any work
     predictor = MultiTaskPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                    perform_everything_on_device=True, device=device, verbose=verbose,
                                    verbose_preprocessing=False, allow_tqdm=False)

@@ -246,17 +246,25 @@ def test_geometry_mismatch_between_channels_and_image_label(tmp_path):
     img = sitk.ReadImage(path)
     img.SetOrigin(tuple(np.add(img.GetOrigin(), (0, 0, 5.0))))
     sitk.WriteImage(img, path)
-    with pytest.raises(ChallengeError, match=r"case segrap_0000, file .*image_contrast\.nii\.gz: geometry differs "
-                                             r"from image\.nii\.gz: origin"):
+    with pytest.raises(ChallengeError, match=r"case segrap_0000, file .*image_contrast\.nii\.gz: contrast CT image "
+                                             r"geometry differs from the non-contrast CT image image\.nii\.gz \(x, y, "
+                                             r"z as SimpleITK reports them; tolerance 0\.0001\): origin \(") as e:
         segrap2023.convert(str(rel), raw=str(tmp_path / "raw"), progress=False)
+    assert "np." not in str(e.value) and "direction" not in str(e.value)
     rel = synth.kits21(tmp_path / "kits", num_cases=2)
     seg = os.path.join(rel, "case_00001", "aggregated_MAJ_seg.nii.gz")
     nii = nibabel.load(seg)
     affine = nii.affine.copy()
-    affine[0, 2] *= 1.5
+    affine[:3, 0] *= -1   # a flipped first axis
     nibabel.save(nibabel.Nifti1Image(np.asanyarray(nii.dataobj), affine), seg)
-    with pytest.raises(ChallengeError, match=r"case case_00001, file .*aggregated_MAJ_seg\.nii\.gz: affine differs"):
+    with pytest.raises(ChallengeError, match=r"case case_00001, file .*aggregated_MAJ_seg\.nii\.gz: label geometry "
+                                             r"differs from the image imaging\.nii\.gz \(x, y, z as SimpleITK") as e:
         kits21.convert(str(rel), raw=str(tmp_path / "raw"), progress=False)
+    # plain numbers, the full 3x3 direction (9 values) in x, y, z order
+    message = str(e.value)
+    assert "np.float64" not in message and "spacing" not in message
+    assert message.endswith("direction (0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0) instead of "
+                            "(0.0, 0.0, 1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 0.0)")
     # a difference within the tolerance is harmonised: the label takes the image's geometry
     rel = synth.kipa22(tmp_path / "kipa")
     lab = os.path.join(rel, "train", "label", "0.nii.gz")

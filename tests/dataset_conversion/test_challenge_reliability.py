@@ -1,0 +1,99 @@
+"""Issue 13 (reliability): truncated files, changed releases, stale temporaries, extra predictions in export."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_plugins.dataset_conversion import amos22, kipa22, kits21, myops2020, segrap2023
+from nnunet_plugins.dataset_conversion import synthetic_releases as synth
+from nnunet_plugins.dataset_conversion.common import ChallengeError
+
+
+def _truncate(path, keep=0.5):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:max(64, int(len(data) * keep))])
+
+
+# item 1: a truncated .nii.gz is an error naming it, for all five challenges (one read: the bytes copied are the
+# bytes decoded)
+@pytest.mark.parametrize("challenge,relative", [
+    ("kits21", "case_00001/imaging.nii.gz"),
+    ("amos22", "labelsTr/amos_0004.nii.gz"),
+    ("segrap2023", "SegRap2023_Training_Set_120cases/segrap_0001/image_contrast.nii.gz"),
+    ("myops2020", "train25/myops_training_102_T2.nii.gz"),
+    ("kipa22", "train/image/1.nii.gz"),
+])
+def test_truncated_file_is_an_error_naming_it(tmp_path, challenge, relative):
+    rel = synth.generate(challenge, str(tmp_path / "rel"))
+    path = os.path.join(rel, relative)
+    _truncate(path)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(path)).size   # SimpleITK alone accepts the file
+    module = {"kits21": kits21, "amos22": amos22, "segrap2023": segrap2023, "myops2020": myops2020,
+              "kipa22": kipa22}[challenge]
+    with pytest.raises(ChallengeError, match=r"file .*" + os.path.basename(relative).replace(".", r"\.")
+                       + r": cannot read (image|label|.*image): the file is truncated"):
+        module.convert(rel, raw=str(tmp_path / "raw"), progress=False)
+
+
+# item 2: a changed release file is reconverted on a rerun, and the run says so
+def test_changed_source_is_reconverted_and_reported(tmp_path, capsys):
+    rel = synth.kipa22(tmp_path / "kipa")
+    raw = str(tmp_path / "raw")
+    folder = kipa22.convert(str(rel), raw=raw, progress=False)
+    untouched = os.stat(os.path.join(folder, "labelsTr", "KiPA_0.nii.gz")).st_mtime_ns
+    label = os.path.join(rel, "train", "label", "1.nii.gz")
+    img = sitk.ReadImage(label)
+    arr = sitk.GetArrayFromImage(img)
+    arr[arr == 4] = 2          # the tumour relabelled as kidney
+    edited = sitk.GetImageFromArray(arr)
+    edited.CopyInformation(img)
+    sitk.WriteImage(edited, label)
+    capsys.readouterr()
+    assert kipa22.convert(str(rel), raw=raw, progress=False) == folder
+    out = capsys.readouterr().out
+    assert "reconverting 1 case(s) whose source files changed since they were converted: KiPA_1 (1.nii.gz)" in out
+    assert "up to date" not in out
+    converted = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, "labelsTr", "KiPA_1.nii.gz")))
+    np.testing.assert_array_equal(converted, arr)
+    assert os.stat(os.path.join(folder, "labelsTr", "KiPA_0.nii.gz")).st_mtime_ns == untouched
+    capsys.readouterr()
+    kipa22.convert(str(rel), raw=raw, progress=False)
+    assert "complete and up to date" in capsys.readouterr().out
+    # a dataset without the record (an earlier version wrote it) is converted again, and the run says why
+    os.remove(os.path.join(folder, "conversion_sources.json"))
+    kipa22.convert(str(rel), raw=raw, progress=False)
+    assert "converting 4 case(s) again: their files exist but there is no record" in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(folder, "conversion_sources.json"))
+
+
+# item 6: our temporaries of a killed export are removed on the next run (only ours, by their naming pattern)
+def test_export_removes_own_stale_temporaries(tmp_path):
+    rel = synth.kipa22(tmp_path / "kipa")
+    folder = kipa22.convert(str(rel), raw=str(tmp_path / "raw"), progress=False)
+    out = tmp_path / "sub"
+    out.mkdir()
+    stale = out / ".tmp-0123abcd-1.nii.gz"            # what atomic_output leaves after a kill -9
+    stale.write_bytes(b"partial")
+    foreign = out / ".tmp-notours.txt"
+    foreign.write_bytes(b"keep")
+    kipa22.export(os.path.join(folder, "labelsTr"), str(out), os.path.join(rel, "train", "image"), progress=False)
+    assert not stale.exists() and foreign.exists()
+    assert sorted(os.listdir(out)) == [".tmp-notours.txt", "0.nii.gz", "1.nii.gz", "2.nii.gz"]
+
+
+# item 7 (export side): a prediction that matches no input image is listed; an error unless allow_extra
+def test_export_extra_prediction_is_an_error_unless_allowed(tmp_path):
+    rel = synth.kipa22(tmp_path / "kipa")
+    folder = kipa22.convert(str(rel), raw=str(tmp_path / "raw"), progress=False)
+    preds = tmp_path / "preds"
+    shutil.copytree(os.path.join(folder, "labelsTr"), preds)
+    shutil.copy(preds / "KiPA_0.nii.gz", preds / "KiPA_9.nii.gz")
+    with pytest.raises(ChallengeError, match=r"1 prediction\(s\) in .*preds match no input image: 9 \(pass "
+                                             r"--allow-extra to ignore them\)"):
+        kipa22.export(str(preds), str(tmp_path / "sub"), os.path.join(rel, "train", "image"), progress=False)
+    files = kipa22.export(str(preds), str(tmp_path / "sub"), os.path.join(rel, "train", "image"), progress=False,
+                          allow_extra=True)
+    assert sorted(os.path.basename(f) for f in files) == ["0.nii.gz", "1.nii.gz", "2.nii.gz"]
