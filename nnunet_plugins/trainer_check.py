@@ -107,22 +107,23 @@ def case_of(trainer: str) -> CheckCase:
 
 
 # ---- environment and data -------------------------------------------------------------------------------------
-def setup_environment(root: str, threads: int = 1) -> dict:
-    """Point nnU-Net at folders under ``root`` in THIS process (and its children) and return the environment.
-
-    Augmentation in the training process (``nnUNet_n_proc_DA=0``: one batch is all a check needs), no
-    torch.compile (minutes of compilation for a few steps), this package's trainers registered.
-    """
+def check_environment(root: str, threads: int = 1) -> dict:
+    """The environment for nnU-Net's folders under ``root`` (created): augmentation in the training process
+    (``nnUNet_n_proc_DA=0``: one batch is all a check needs), no torch.compile (minutes of compilation for a few
+    steps), this package's trainers registered. This process's environment is not changed."""
     from nnunet_plugins.runner import nnunet_cpu_env
 
     env = nnunet_cpu_env(root, augmentation_workers=0, threads=threads)
-    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA",
-                                           "nnUNet_compile", "nnUNet_def_n_proc", "nnUNet_extTrainer",
-                                           "OMP_WAIT_POLICY")})
     # the multi-task trainers' warm-up is a tenth of the run: a short nominal run keeps it at 0 epochs so the
     # fixed-batch steps train at the method's learning rate (the number of steps is what the caller runs)
-    os.environ.setdefault("NNUNET_PLUGINS_EPOCHS", "5")
-    env["NNUNET_PLUGINS_EPOCHS"] = os.environ["NNUNET_PLUGINS_EPOCHS"]
+    env.setdefault("NNUNET_PLUGINS_EPOCHS", "5")
+    return env
+
+
+def setup_environment(root: str, threads: int = 1) -> dict:
+    """``check_environment`` applied to THIS process (before nnunetv2 is imported: it reads its folders then)."""
+    env = check_environment(root, threads)
+    os.environ.update(env)
     return env
 
 
