@@ -250,26 +250,23 @@ def render_markdown(results: dict) -> str:
                      f"{_ms(base.get('median_step_s'))} | {_ratio(row.get('step_ratio'))} | "
                      f"{_gib(row.get('peak_memory_bytes'))} | {_gib(base.get('peak_memory_bytes'))} | "
                      f"{row['losses'][0]:.3f} -> {row['losses'][-1]:.3f} | {'yes' if row['ok'] else 'NO'} |")
-    pred = results.get("predict")
-    if pred:
-        lines.append("")
-        if pred.get("error"):
-            lines.append(f"nnUNetv2_predict ({pred.get('trainer')}): ERROR {pred['error']}")
-        else:
-            lines.append(f"nnUNetv2_predict ({pred['trainer']}, {pred['cases']} cases, process start included): "
-                         f"{pred['seconds']:.1f} s; nnUNetTrainer at the same plans {pred['baseline_seconds']:.1f} s; "
-                         f"ratio {pred['ratio']:.2f}; outputs {'ok' if pred['ok'] else 'WRONG'}")
-    attn = results.get("deformable_attention")
-    if attn:
-        lines.append("")
-        if attn.get("error"):
-            lines.append(f"Deformable attention: ERROR {attn['error']}")
-        else:
-            levels = " + ".join("x".join(map(str, s)) for s in attn["levels"])
-            lines.append(f"Deformable attention fwd+bwd ({levels} = {attn['tokens']} tokens, batch {attn['batch']}, "
-                         f"{attn['heads']} heads x {attn['head_dim']}, {attn['points']} points): "
-                         f"{_ms(attn['fwd_bwd_s'])} ms, peak {_gib(attn.get('peak_memory_bytes'))} GiB, "
-                         f"max |diff| vs reference {attn['max_abs_diff']:.2e}; {'ok' if attn['ok'] else 'WRONG'}")
+    def predict_line(pred):
+        return (f"nnUNetv2_predict ({pred['trainer']}, {pred['cases']} cases, process start included): "
+                f"{pred['seconds']:.1f} s; nnUNetTrainer at the same plans {pred['baseline_seconds']:.1f} s; "
+                f"ratio {pred['ratio']:.2f}; outputs {'ok' if pred['ok'] else 'WRONG'}")
+
+    def attention_line(attn):
+        levels = " + ".join("x".join(map(str, s)) for s in attn["levels"])
+        return (f"Deformable attention fwd+bwd ({levels} = {attn['tokens']} tokens, batch {attn['batch']}, "
+                f"{attn['heads']} heads x {attn['head_dim']}, {attn['points']} points): "
+                f"{_ms(attn['fwd_bwd_s'])} ms, peak {_gib(attn.get('peak_memory_bytes'))} GiB, "
+                f"max |diff| vs reference {attn['max_abs_diff']:.2e}; {'ok' if attn['ok'] else 'WRONG'}")
+
+    for key, title, describe in (("predict", "nnUNetv2_predict", predict_line),
+                                 ("deformable_attention", "Deformable attention", attention_line)):
+        entry = results.get(key)
+        if entry:
+            lines += ["", f"{title}: ERROR {entry['error']}" if entry.get("error") else describe(entry)]
     return "\n".join(lines) + "\n"
 
 
