@@ -53,8 +53,9 @@ def _fmt(value, scale=1.0, digits=1):
 
 def render_markdown(results: dict) -> str:
     env = results["environment"]
-    lines = [f"{env.get('device_name', '?')}, device {results['device']}{' (AMP)' if results['device'] == 'cuda' else ''}"
-             f", {results['size']} sizes, torch {env.get('torch')}, nnU-Net {env.get('nnunetv2')}, "
+    amp = " (AMP)" if results["device"] == "cuda" else ""
+    lines = [f"{env.get('device_name', '?')}, device {results['device']}{amp}, {results['size']} sizes, "
+             f"torch {env.get('torch')}, nnU-Net {env.get('nnunetv2')}, "
              f"{env.get('cpu_threads')} CPU threads; median of {results['steps'] - 1} timed steps", "",
              "| trainer | patch x batch | parameters | step ms | nnUNetTrainer step ms | step ratio | predict s | "
              "nnUNetTrainer predict s | predict ratio | memory ratio |",
@@ -67,7 +68,8 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| {row['trainer']} | {'x'.join(map(str, row['patch']))} x {row['batch_size']} | "
                      f"{row['parameters'] / 1e6:.2f}M | {_fmt(row['median_step_s'], 1e3)} | "
                      f"{_fmt(base['median_step_s'], 1e3)} | {_fmt(row['step_ratio'], digits=2)} | "
-                     f"{_fmt(row.get('sliding_window_s'), digits=2)} | {_fmt(base.get('sliding_window_s'), digits=2)} | "
+                     f"{_fmt(row.get('sliding_window_s'), digits=2)} | "
+                     f"{_fmt(base.get('sliding_window_s'), digits=2)} | "
                      f"{_fmt(row.get('predict_ratio'), digits=2)} | {_fmt(row.get('memory_ratio'), digits=2)} |")
     return "\n".join(lines) + "\n"
 

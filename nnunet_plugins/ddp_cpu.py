@@ -16,10 +16,11 @@ only what needs CUDA:
 * ``DistributedDataParallel`` gets ``device_ids=None`` (required for CPU modules); any other argument
   (``find_unused_parameters`` from ``PluginTrainer``) passes through.
 
-Each rank writes ``run<i>_rank<r>.json`` into ``report_dir`` for each run: a hash of its final network state (parameters and
-buffers), the ``torch.save`` calls it made (which rank writes checkpoints), and per training step the case
-keys and, for multi-task trainers, the task ids of its batch. Nothing of a trainer is changed or replaced: the
-records come from wrapping the trainer object's public ``train_step`` and ``torch.save``.
+Each rank writes ``run<i>_rank<r>.json`` into ``report_dir`` for each run: a hash of its final network state
+(parameters and buffers), the ``torch.save`` calls it made (which rank writes checkpoints), and per training
+step the case keys and, for multi-task trainers, the task ids of its batch. Nothing of a trainer's training is
+changed: the records come from wrapping the trainer object's public ``train_step`` and ``torch.save``; a run
+may skip nnU-Net's final validation (``validate=False``) to save the worker processes it starts.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import json
 import os
 import time
 
-COLLECTIVE_TIMEOUT_S = 120
+COLLECTIVE_TIMEOUT_S = int(os.environ.get("NNUNET_PLUGINS_DDP_TIMEOUT", "120"))
 
 
 def _patch_for_cpu(records: dict) -> None:
@@ -126,6 +127,16 @@ def _worker(rank: int, world_size: int, dataset: str, configuration: str, fold, 
         records.update(steps=[], saved=[], validation=run.get("validate", True))
         os.environ["MASTER_PORT"] = str(port)
         os.environ.update(run.get("env", {}))
+        if run.get("seed") is not None:
+            # reproducible runs: numpy drives nnU-Net's case sampling, cropping and augmentation (and the
+            # multi-task sampler); each rank its own stream, as with nnU-Net's unseeded processes
+            import random
+
+            import numpy as np
+
+            np.random.seed(int(run["seed"]) + rank)
+            random.seed(int(run["seed"]) + rank)
+            torch.manual_seed(int(run["seed"]))
         run_training.run_ddp(rank, dataset, configuration, fold, run["trainer"], run["plans"], False,
                              bool(run.get("continue_training")), False, None, False, False, world_size)
         tr = records["trainer"]
@@ -157,7 +168,8 @@ def train_ddp(dataset: str | int, configuration: str, fold, runs: list, report_d
     """Run ``nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS -num_gpus WORLD_SIZE [--c]`` on CPU,
     once per entry of ``runs``, one after the other in the same ``world_size`` processes.
 
-    ``runs``: dicts with ``trainer``, ``plans``, optional ``continue_training`` (``--c``), ``validate`` (False
+    ``runs``: dicts with ``trainer``, ``plans``, optional ``continue_training`` (``--c``), ``seed`` (numpy and
+    random seeded with seed + rank, torch with seed: reproducible batches), ``validate`` (False
     skips nnU-Net's final validation, which starts worker processes: seconds each on a small CPU) and ``env``
     (variables set for that run, e.g. NNUNET_PLUGINS_EPOCHS). ``env``: the processes' environment on top of this
     one (nnUNet_* folders). Returns per run the ranks' reports (see the module docstring). Raises

@@ -2,7 +2,7 @@
 # One prepared check of nnunet-plugins on an offline GPU node (details: nnunet_plugins/device_check.py).
 #
 #   scripts/device_check.sh prepare [--budget-mib 64]      # online machine: wheels -> .device_wheels/
-#   scripts/device_check.sh run OUT_DIR [--device cuda|cpu] [--trainers ...] [--budget-s 420]
+#   scripts/device_check.sh run OUT_DIR [--device cuda|cpu] [--trainers ...] [--budget-s 330]
 #                                                           # node: install the wheels offline, run, write
 #                                                           # OUT_DIR/device_check.json and .md
 #

@@ -12,6 +12,7 @@ step the ranks may hold different tasks. DDP stays consistent because MultiTaskT
 not use contributes zero there. A global step therefore averages over up to world-size tasks (each rank's batch
 is single-task, as UniSeg's sampler requires).
 """
+import json
 import math
 import os
 
@@ -35,12 +36,13 @@ def ddp(tmp_path_factory):
     env["nnUNet_def_n_proc"] = "1"
     pre = tc.prepare_dataset(env)
     trainers = tc.plugin_trainer_names()
-    runs = [{"trainer": t, "plans": tc.write_check_plans(pre, t, "tiny")[0], "validate": False, "env": SHORT}
-            for t in trainers]
+    runs = [{"trainer": t, "plans": tc.write_check_plans(pre, t, "tiny")[0], "validate": False, "env": SHORT,
+             "seed": 0} for t in trainers]
     first = next(r for r in runs if r["trainer"] == CONTINUED)
     runs.append(dict(first, continue_training=True, validate=True, env=dict(SHORT, NNUNET_PLUGINS_EPOCHS="2")))
     reports = train_ddp(tc.DATASET_ID, tc.CONFIGURATION, 0, runs, str(root / "reports"), env=env, timeout_s=900)
-    return {"trainers": trainers, "reports": dict(zip(trainers, reports)), "continued": reports[-1], "root": root}
+    return {"trainers": trainers, "reports": dict(zip(trainers, reports)), "continued": reports[-1], "root": root,
+            "env": env, "pre": pre}
 
 
 def _checkpoint(report):
@@ -114,3 +116,31 @@ def test_continue_under_ddp_and_final_validation(ddp):
     validation = os.path.join(rank0["output_folder"], "validation")
     assert os.path.isfile(os.path.join(validation, "summary_per_task.json"))
     assert len([f for f in os.listdir(validation) if f.endswith(".nii.gz")]) == 2
+
+
+def test_multitask_batch_dice_under_ddp_with_ranks_on_different_tasks(ddp):
+    """UniSeg on plans with batch Dice (nnU-Net's planner sets ``batch_dice`` for 2-D configurations), 2 ranks.
+
+    KNOWN BUG, fails today: nnU-Net's Dice loss with ``ddp=True`` and batch Dice all-gathers its per-class sums
+    across the ranks; the multi-task loss applies it to each rank's task channels, so when the ranks hold
+    different tasks in a step (seed 0: step 1 has tasks 0 and 1) they exchange tensors of different sizes
+    (gloo aborts: "Received data size doesn't match expected size"; NCCL: undefined) and, with equal class
+    counts, would sum Dice terms of different structures. Fix (trainers/multitask.py, MultiTaskTrainer): build
+    nnU-Net's loss, then turn off the cross-rank gathering of its Dice term
+    (``(loss.loss if isinstance(loss, DeepSupervisionWrapper) else loss).dc.ddp = False``): batch Dice over the
+    rank's own single-task batch; DDP still averages the gradients. Verified with that subclass: ranks end
+    identical.
+    """
+    plans_name = tc.write_check_plans(ddp["pre"], "UniSegTrainer", "tiny")[0]
+    plans = json.load(open(os.path.join(ddp["pre"], plans_name + ".json")))
+    plans["plans_name"] = plans_name + "_batchdice"
+    plans["configurations"][tc.CONFIGURATION]["batch_dice"] = True
+    json.dump(plans, open(os.path.join(ddp["pre"], plans["plans_name"] + ".json"), "w"), indent=1)
+    env = dict(ddp["env"], NNUNET_PLUGINS_DDP_TIMEOUT="60")
+    run = {"trainer": "UniSegTrainer", "plans": plans["plans_name"], "validate": False, "seed": 0,
+           "env": dict(SHORT, NNUNET_PLUGINS_ITERS="4")}
+    rank0, rank1 = train_ddp(tc.DATASET_ID, tc.CONFIGURATION, 0, [run], str(ddp["root"] / "reports_batchdice"),
+                             env=env, timeout_s=300)[0]
+    tasks = [(a["task_ids"][0], b["task_ids"][0]) for a, b in zip(rank0["steps"], rank1["steps"])]
+    assert any(a != b for a, b in tasks), f"the seed no longer puts the ranks on different tasks: {tasks}"
+    assert rank0["state_hash"] == rank1["state_hash"]
