@@ -59,6 +59,10 @@ def test_every_trainer_trains_under_ddp_with_identical_weights(ddp):
             assert report["batch_size"] == 1, f"{trainer}: the plans' batch of 2 is split over 2 ranks"
             assert len(report["steps"]) == 2 and report["current_epoch"] == 1, (trainer, report)
         assert rank0["state_hash"] == rank1["state_hash"], f"{trainer}: ranks diverged"
+    # equal weights must come from DDP's gradient averaging, not from equal data: the ranks draw their own batches
+    differing = [t for t, (a, b) in ddp["reports"].items() if [s["keys"] for s in a["steps"]] != [s["keys"] for s in
+                                                                                                 b["steps"]]]
+    assert len(differing) >= len(ddp["reports"]) // 2, differing
 
 
 def test_rank0_alone_writes_checkpoints_holding_the_common_weights(ddp):
