@@ -248,8 +248,8 @@ class ReconstructionNetwork(nn.Module):
 
 @dataclass
 class MaskedReconstruction:
-    """The objective: mask, reconstruct, score. One object serves pre-training (``loss``) and MDS
-    (``error_sums`` per sample, with a ``valid`` mask for padded voxels).
+    """The objective: mask, reconstruct, score. One object serves pre-training (``objective(model, x)``)
+    and MDS (:mod:`.mds` draws one mask per patch with ``mask_input`` and scores the masked voxels).
 
     Attributes: ``mask_ratio`` (fraction of the grid cells masked), ``cube_size`` (voxels or fraction,
     see :func:`cube_size_voxels`), ``fill`` (``"zero"`` | ``"noise"``), ``loss`` (``"mse"`` | ``"l1"``).
@@ -272,15 +272,6 @@ class MaskedReconstruction:
         ``generator``."""
         mask = random_cube_mask(x.shape, self.mask_ratio, self.cube_size, generator, device=x.device)
         return apply_mask(x, mask, self.fill, generator), mask
-
-    def error_sums(self, model: nn.Module, x: Tensor, generator: torch.Generator | None = None,
-                   valid: Tensor | None = None) -> Tuple[Tensor, Tensor]:
-        """Per-sample error sums and counts over the masked voxels (``& valid`` when given: padding is
-        excluded from the score). ``model`` maps the masked input to its reconstruction."""
-        masked, mask = self.mask_input(x, generator)
-        if valid is not None:
-            mask = mask & valid
-        return masked_error_sums(model(masked), x, mask, self.loss)
 
     def __call__(self, model: nn.Module, x: Tensor, generator: torch.Generator | None = None,
                  reduction: str = "mean") -> Tensor:
