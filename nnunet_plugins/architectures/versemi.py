@@ -23,7 +23,7 @@ Both follow :class:`~nnunet_plugins.architectures.blocks.dynamic_head.TaskCondit
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Type, Union
+from typing import List, Tuple, Type, Union
 
 import numpy as np
 import torch

@@ -155,12 +155,10 @@ class KLDistillation(_KD):
         return f"temperature={self.temperature}, weights={self.weights}"
 
 
-class FeaturesMSE(_KD):
-    """:func:`features_mse` as a module; ``forward(student_features, teacher_features, mask=None)``."""
+class FeaturesMSE(LogitsMSE):
+    """:func:`features_mse` as a module (the same mean squared difference as :class:`LogitsMSE`, applied
+    to feature maps); ``forward(student_features, teacher_features, mask=None)``."""
     kind = "features_mse"
-
-    def forward(self, student: Maps, teacher: Maps, mask: Mask = None) -> Tensor:
-        return features_mse(student, teacher, self.weights, mask)
 
 
 def build_distillation_loss(kind: str, temperature: float = 2.0, weights: Sequence[float] | None = None) -> _KD:

@@ -19,10 +19,10 @@ def test_defaults_build_the_documented_objects_and_round_trip():
     assert MedSeqFTOptions.from_dict(json.loads(json.dumps(custom.to_dict()))) == custom
 
 
-@pytest.mark.parametrize("kw,match", [({"k": 0}, "k must be"), ({"repeats": 1.5}, "repeats"), ({"rank": True}, "rank"),
-                                      ({"mu": -1}, "mu"), ({"kd": "cosine"}, "kd must"), ({"temperature": 0}, "temperature"),
-                                      ({"mask_ratio": 1.0}, "mask_ratio"), ({"fill": "blur"}, "fill"),
-                                      ({"mds_patches": "random"}, "mds_patches"), ({"lora_alpha": 0}, "lora_alpha")])
+@pytest.mark.parametrize("kw,match", [
+    ({"k": 0}, "k must be"), ({"repeats": 1.5}, "repeats"), ({"rank": True}, "rank"), ({"mu": -1}, "mu"),
+    ({"kd": "cosine"}, "kd must"), ({"temperature": 0}, "temperature"), ({"mask_ratio": 1.0}, "mask_ratio"),
+    ({"fill": "blur"}, "fill"), ({"mds_patches": "random"}, "mds_patches"), ({"lora_alpha": 0}, "lora_alpha")])
 def test_bad_options_are_clear_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         MedSeqFTOptions(**kw)
