@@ -17,10 +17,11 @@ the masked voxels only.
   (the ratio is exact in cells, approximate in voxels). Vectorised: one ``rand``/``argsort`` over the
   cells, then ``repeat_interleave`` per axis.
 * Fill (:func:`apply_mask`): masked voxels become ``0`` (default) or standard-normal noise. nnU-Net's
-  preprocessing normalises intensities (z-score for MRI / CT-style clipping and z-score), so 0 is the
+  preprocessing z-scores intensities (CT: after clipping, with the foreground's statistics), so 0 is a
   mean intensity, a value that carries no information about the hidden content; noise (``"noise"``) has
-  the normalised intensities' first two moments, so the network cannot find the masked cubes by their
-  constant value alone (Models Genesis' argument for noisy in-painting) at the price of a noisier target.
+  roughly the normalised intensities' first two moments, so the network cannot find the masked cubes by
+  a constant value alone (Models Genesis in-paints cubes filled with random values), at the price of a
+  noisier input.
 * Head (:class:`ReconstructionHead`): a ``1x1`` convolution (with bias, no activation: normalised
   intensities are unbounded) from the U-Net decoder's LAST FEATURES to the input channels. We take the
   decoder features and not the network's output channels because the output channels are the
@@ -29,13 +30,15 @@ the masked voxels only.
   head); the features are also richer than ``num_classes`` logits. The U-Net is not edited:
   :class:`ReconstructionNetwork` reads the features as the input of ``decoder.seg_layers[-1]`` with a
   forward pre-hook that exists only during its forward (see :mod:`.feature_capture`).
-* Loss (:func:`masked_reconstruction_loss`): MSE (default; SimMIM uses L1, Swin UNETR's / Chen et al.'s
-  3-D MIM MSE on normalised intensities) or L1 between reconstruction and the ORIGINAL input on the
-  masked voxels only (unmasked voxels do not enter, whatever their values: ``torch.where``, not a
-  product, so even non-finite predictions there are ignored), averaged over masked voxels and channels.
+* Loss (:func:`masked_reconstruction_loss`): MSE (default, as MAE, He et al. CVPR 2022) or L1 (as
+  SimMIM) between reconstruction and the ORIGINAL input on the masked voxels only (unmasked voxels do
+  not enter, whatever their values: ``torch.where``, not a product, so even non-finite predictions there
+  are ignored), averaged over masked voxels and channels.
 
-The defaults of :class:`MaskedReconstruction` (ratio 0.6, cubes of 16 voxels, zero fill, MSE) follow
-SimMIM / Chen et al., who found ratios 0.6-0.75 with 16-voxel patches best for 3-D CT/MRI.
+Defaults of :class:`MaskedReconstruction`: ratio 0.6 (SimMIM's default), cubes of 16 voxels, zero fill,
+MSE. Chen et al. report that for 3-D medical images a HIGH masking ratio with RELATIVELY SMALL patches and
+a lightweight reconstruction head work best, which is this combination (16 voxels is 1/8 of a typical
+3d_fullres patch edge of 128; the head is one 1x1 conv).
 """
 from __future__ import annotations
 
