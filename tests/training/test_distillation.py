@@ -121,3 +121,36 @@ def test_factory_and_errors():
         logits_mse([a, a], [a, a], [1.0])
     with pytest.raises(ValueError, match="boolean"):
         logits_mse(a, a, mask=torch.ones(1, 4, 4))
+
+
+def test_with_a_lora_student_and_a_unet_teacher_only_adapters_learn():
+    """The K&G RFT wiring: LoRA student vs frozen teacher, deep-supervision logits and decoder features."""
+    import copy
+
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    from torch import nn
+
+    from nnunet_plugins.architectures.blocks.lora import add_lora, lora_parameters
+    from nnunet_plugins.training.feature_capture import capture_inputs, final_decoder_features_module
+
+    torch.manual_seed(0)
+    teacher = PlainConvUNet(1, 3, (4, 8, 8), nn.Conv3d, 3, (1, 2, 2), 1, 2, 1, conv_bias=True,
+                            norm_op=nn.InstanceNorm3d, norm_op_kwargs={"affine": True}, nonlin=nn.LeakyReLU,
+                            deep_supervision=True)
+    student = add_lora(copy.deepcopy(teacher), rank=2)
+    with torch.no_grad():                                   # make the student differ from the teacher
+        for p in lora_parameters(student):
+            p.normal_(0, 0.1)
+    x = torch.randn(2, 1, 8, 8, 8)
+    with capture_inputs(final_decoder_features_module(student)) as fs, \
+            capture_inputs(final_decoder_features_module(teacher)) as ft:
+        out_s, out_t = student(x), teacher(x)
+    assert len(out_s) == 2 and fs[0].shape == (2, 4, 8, 8, 8)
+    loss = (build_distillation_loss("kl", weights=[2 / 3, 1 / 3])(out_s, out_t)
+            + build_distillation_loss("features_mse")(fs[0], ft[0]))
+    assert loss.item() > 0
+    loss.backward()
+    trainable = {id(p) for p in lora_parameters(student)}
+    assert all((p.grad is not None) == (id(p) in trainable) for p in student.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in lora_parameters(student))
+    assert all(p.grad is None for p in teacher.parameters())
