@@ -23,7 +23,7 @@ Both follow :class:`~nnunet_plugins.architectures.blocks.dynamic_head.TaskCondit
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Type, Union
+from typing import List, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from nnunet_plugins.architectures.blocks.dynamic_head import (
     TaskConditionedNetwork, TaskController, apply_dynamic_head, dynamic_head_layer_sizes, num_dynamic_params,
 )
+from nnunet_plugins.architectures.blocks.vnet import VNetEncoder, vnet_conv_stage
 
 __all__ = ["VerSemiVNet", "VerSemiUNet"]
 
@@ -70,25 +71,17 @@ class _TaskHeadMixin:
         return out[:, :self.num_classes]
 
 
-class _VNetConvStage(nn.Sequential):
-    """``n`` x (3x3x3 conv -> norm -> ReLU) at one resolution (official ``ConvBlock``)."""
-
-    def __init__(self, n: int, cin: int, cout: int, conv, norm):
-        layers = []
-        for i in range(n):
-            layers += [conv(cin if i == 0 else cout, cout, kernel_size=3, padding=1), norm(cout), nn.ReLU(inplace=True)]
-        super().__init__(*layers)
-
-
 class VerSemiVNet(_TaskHeadMixin, TaskConditionedNetwork):
     """The official VerSemi V-Net (``vnet_odod_mix.VNet``) with controller and dynamic head.
 
     Architecture (base width F = ``base_filters``, official 16; "norm" = instance norm without affine
     parameters, the official ``normalization='instancenorm'``):
 
-    * encoder: five stages of 1 / 2 / 3 / 3 / 3 (3x3x3 conv -> norm -> ReLU) with widths
-      F / 2F / 4F / 8F / 16F; between them a stride-2, kernel-2 conv -> norm -> ReLU that doubles the
-      width. V-Net as used by the official code: PLAIN conv stages (its residual block is unused);
+    * encoder (:class:`~nnunet_plugins.architectures.blocks.vnet.VNetEncoder`, shared with LeFeD): five
+      stages of 1 / 2 / 3 / 3 / 3 (3x3x3 conv -> norm -> ReLU) with widths F / 2F / 4F / 8F / 16F; between
+      them a stride-2, kernel-2 conv -> norm -> ReLU that doubles the width. V-Net as used by the official
+      code: PLAIN conv stages (its residual block is unused). ``encoder_stages`` / ``downsampling`` are the
+      encoder's ``stages`` / ``downsamples`` (state-dict names ``encoder.stages.*``, ``encoder.downsamples.*``);
     * decoder: from the bottleneck, transposed conv (kernel 2, stride 2) -> norm -> ReLU halving the
       width, ADDED to the encoder stage of that scale, then 3 / 3 / 2 conv stages (8F, 4F, 2F); a last
       transposed conv to F channels at full resolution WITHOUT the stage-1 skip (the official addition
@@ -137,26 +130,31 @@ class VerSemiVNet(_TaskHeadMixin, TaskConditionedNetwork):
         self.deep_supervision = bool(deep_supervision)
         f = int(base_filters)
         widths = [f, 2 * f, 4 * f, 8 * f, 16 * f]
-        enc_convs, dec_convs = (1, 2, 3, 3, 3), (3, 3, 2)
-
-        def down(cin, cout):
-            return nn.Sequential(conv(cin, cout, kernel_size=2, stride=2), inorm(cout), nn.ReLU(inplace=True))
+        dec_convs = (3, 3, 2)
 
         def up(cin, cout):
             return nn.Sequential(convt(cin, cout, kernel_size=2, stride=2), inorm(cout), nn.ReLU(inplace=True))
 
-        self.encoder_stages = nn.ModuleList(
-            [_VNetConvStage(n, self.input_channels if i == 0 else widths[i], widths[i], conv, inorm)
-             for i, n in enumerate(enc_convs)])
-        self.downsampling = nn.ModuleList([down(widths[i], widths[i + 1]) for i in range(4)])
+        # official normalization='instancenorm': instance norm without affine parameters, no dropout
+        self.encoder = VNetEncoder(self.input_channels, f, "instance", dim=dim)
         # decoder level l = 3, 2, 1 (deepest first): up widths[l+1] -> widths[l], + skip l, conv stage
         self.upsampling = nn.ModuleList([up(widths[l + 1], widths[l]) for l in (3, 2, 1, 0)])
-        self.decoder_stages = nn.ModuleList([_VNetConvStage(n, widths[l], widths[l], conv, inorm)
+        self.decoder_stages = nn.ModuleList([vnet_conv_stage(n, widths[l], widths[l], "instance", dim)
                                              for n, l in zip(dec_convs, (3, 2, 1))])
         self.head_input = nn.Sequential(bnorm(f), nn.ReLU(inplace=True), conv(f, head_channels, kernel_size=1))
         self._build_task_head(num_tasks, widths[-1], num_classes, head_channels, head_layers,
                               official_second_output, conv,
                               pre=nn.Sequential(bnorm(widths[-1]), nn.ReLU(inplace=True)))
+
+    @property
+    def encoder_stages(self) -> nn.ModuleList:
+        """The encoder's conv stages, full resolution first."""
+        return self.encoder.stages
+
+    @property
+    def downsampling(self) -> nn.ModuleList:
+        """The encoder's stride-2 convs between its stages."""
+        return self.encoder.downsamples
 
     @property
     def required_divisor(self) -> tuple[int, ...]:
@@ -170,13 +168,8 @@ class VerSemiVNet(_TaskHeadMixin, TaskConditionedNetwork):
                              f"{tuple(x.shape)}")
         if any(s % 16 for s in x.shape[2:]):
             raise ValueError(f"VerSemiVNet input spatial size {tuple(x.shape[2:])} must be divisible by 16")
-        skips = []
-        h = x
-        for i, stage in enumerate(self.encoder_stages):
-            h = stage(h)
-            skips.append(h)
-            if i < len(self.downsampling):
-                h = self.downsampling[i](h)
+        skips = self.encoder(x)           # full resolution .. bottleneck
+        h = skips[-1]
         params = self.controller(h, task_id)
         for up, stage, skip in zip(self.upsampling, self.decoder_stages, reversed(skips[1:4])):
             h = stage(up(h) + skip)

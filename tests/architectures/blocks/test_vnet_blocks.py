@@ -34,3 +34,25 @@ def test_bad_norm_and_feedback():
     enc = VNetEncoder(1, 4)
     with pytest.raises(ValueError, match="5 tensors"):
         enc(torch.randn(1, 1, 16, 16, 16), [torch.zeros(1)])
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_2d_encoder_same_count_as_hand_with_2d_kernels(norm):
+    enc = VNetEncoder(2, 4, norm, dropout=0.5, dim=2).eval()
+    assert all(not isinstance(m, torch.nn.Conv3d) for m in enc.modules())
+    # 2-D: 3x3 kernels (9 weights) and 2x2 downsampling (4 weights) instead of 27 and 8
+    widths = [4 * 2 ** i for i in range(5)]
+    nrm = 2 if norm == "batch" else 0
+    total = 0
+    for i, (w, n) in enumerate(zip(widths, (1, 2, 3, 3, 3))):
+        c = 2 if i == 0 else w  # the downsampling before stage i already doubles the width
+        for _ in range(n):
+            total += c * w * 9 + w + nrm * w
+            c = w
+    total += sum(a * b * 4 + b + nrm * b for a, b in zip(widths[:-1], widths[1:]))
+    assert sum(p.numel() for p in enc.parameters()) == total
+    outs = enc(torch.randn(1, 2, 32, 48))
+    assert [tuple(o.shape) for o in outs] == [(1, 4 * 2 ** i, 32 // 2 ** i, 48 // 2 ** i) for i in range(5)]
+    assert vnet_norm_kind(enc.stages[0][1]) == norm
+    with pytest.raises(ValueError, match="2-D or 3-D"):
+        VNetEncoder(1, 4, dim=1)
