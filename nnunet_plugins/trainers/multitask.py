@@ -63,6 +63,7 @@ from nnunetv2.configuration import default_num_processes
 from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.file_path_utilities import check_workers_alive_and_busy
@@ -141,6 +142,17 @@ class MultiTaskTrainer(PluginTrainer):
         if "task_id" not in batch:
             raise KeyError("the batch has no 'task_id': multi-task trainers need MultiTaskDataLoader batches")
         return self.network(batch["data"], batch["task_id"])
+
+    def _build_loss(self):
+        """nnU-Net's loss, with the cross-rank gathering of its batch Dice turned off: under DDP each rank's
+        batch holds one task whose channels may differ from the other ranks' (gathering would exchange
+        differently sized, differently structured Dice sums). Batch Dice is then over the rank's own batch;
+        DDP still averages the gradients."""
+        loss = super()._build_loss()
+        inner = loss.loss if isinstance(loss, DeepSupervisionWrapper) else loss
+        if hasattr(inner, "dc") and hasattr(inner.dc, "ddp"):
+            inner.dc.ddp = False
+        return loss
 
     def compute_loss(self, output, batch: dict):
         return task_grouped_loss(self.loss, output, batch["target"], batch["task_id"], self._channels_of,

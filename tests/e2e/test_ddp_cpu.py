@@ -125,15 +125,11 @@ def test_continue_under_ddp_and_final_validation(ddp):
 def test_multitask_batch_dice_under_ddp_with_ranks_on_different_tasks(ddp):
     """UniSeg on plans with batch Dice (nnU-Net's planner sets ``batch_dice`` for 2-D configurations), 2 ranks.
 
-    KNOWN BUG, fails today: nnU-Net's Dice loss with ``ddp=True`` and batch Dice all-gathers its per-class sums
-    across the ranks; the multi-task loss applies it to each rank's task channels, so when the ranks hold
-    different tasks in a step (seed 0: step 1 has tasks 0 and 1) they exchange tensors of different sizes
-    (gloo aborts: "Received data size doesn't match expected size"; NCCL: undefined) and, with equal class
-    counts, would sum Dice terms of different structures. Fix (trainers/multitask.py, MultiTaskTrainer): build
-    nnU-Net's loss, then turn off the cross-rank gathering of its Dice term
-    (``(loss.loss if isinstance(loss, DeepSupervisionWrapper) else loss).dc.ddp = False``): batch Dice over the
-    rank's own single-task batch; DDP still averages the gradients. Verified with that subclass: ranks end
-    identical.
+    nnU-Net's Dice loss with ``ddp=True`` and batch Dice all-gathers its per-class sums across the ranks; the
+    multi-task loss applies it to each rank's task channels, so when the ranks hold different tasks in a step
+    (seed 0: step 1 has tasks 0 and 1) they would exchange tensors of different sizes (gloo aborts: "Received
+    data size doesn't match expected size"; NCCL: undefined). MultiTaskTrainer._build_loss turns the gathering
+    off (batch Dice over the rank's own single-task batch; DDP still averages the gradients): ranks end identical.
     """
     plans_name = tc.write_check_plans(ddp["pre"], "UniSegTrainer", "tiny")[0]
     plans = json.load(open(os.path.join(ddp["pre"], plans_name + ".json")))
