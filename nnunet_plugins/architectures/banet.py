@@ -181,6 +181,17 @@ class BANetUNet(PlansNetwork, AbstractDynamicNetworkArchitectures):
         return total
 
 
+def _per_stage_counts(n_stages: int, **counts) -> list:
+    """Encoder (``n_stages`` entries) and decoder (``n_stages - 1``) per-stage counts as lists, ints broadcast;
+    keyword order: the encoder's count first, then ``n_conv_per_stage_decoder``."""
+    (enc_name, enc), (dec_name, dec) = counts.items()
+    enc = [enc] * n_stages if isinstance(enc, int) else list(enc)
+    dec = [dec] * (n_stages - 1) if isinstance(dec, int) else list(dec)
+    if len(enc) != n_stages or len(dec) != n_stages - 1:
+        raise ValueError(f"{enc_name} needs {n_stages} entries and {dec_name} {n_stages - 1}, got {enc} and {dec}")
+    return [enc, dec]
+
+
 class BANetPlainConvUNet(BANetUNet):
     """BA-Net on nnU-Net's plain U-Net (``PlainConvUNet`` arguments, plus ``official_v1_layout``).
 
@@ -219,13 +230,8 @@ class BANetPlainConvUNet(BANetUNet):
         self.key_to_encoder = "encoder.stages"
         self.key_to_stem = "encoder.stages.0"
         self.keys_to_in_proj = ("encoder.stages.0.0.convs.0.all_modules.0", "encoder.stages.0.0.convs.0.conv")
-        if isinstance(n_conv_per_stage, int):
-            n_conv_per_stage = [n_conv_per_stage] * n_stages
-        if isinstance(n_conv_per_stage_decoder, int):
-            n_conv_per_stage_decoder = [n_conv_per_stage_decoder] * (n_stages - 1)
-        if len(n_conv_per_stage) != n_stages or len(n_conv_per_stage_decoder) != n_stages - 1:
-            raise ValueError(f"n_conv_per_stage needs {n_stages} entries and n_conv_per_stage_decoder "
-                             f"{n_stages - 1}, got {list(n_conv_per_stage)} and {list(n_conv_per_stage_decoder)}")
+        n_conv_per_stage, n_conv_per_stage_decoder = _per_stage_counts(
+            n_stages, n_conv_per_stage=n_conv_per_stage, n_conv_per_stage_decoder=n_conv_per_stage_decoder)
         self.encoder = PlainConvEncoder(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
                                         n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
                                         dropout_op_kwargs, nonlin, nonlin_kwargs, return_skips=True,
@@ -276,13 +282,8 @@ class BANetResidualEncoderUNet(BANetUNet):
         self.key_to_encoder = "encoder.stages"
         self.key_to_stem = "encoder.stem"
         self.keys_to_in_proj = ("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0")
-        if isinstance(n_blocks_per_stage, int):
-            n_blocks_per_stage = [n_blocks_per_stage] * n_stages
-        if isinstance(n_conv_per_stage_decoder, int):
-            n_conv_per_stage_decoder = [n_conv_per_stage_decoder] * (n_stages - 1)
-        if len(n_blocks_per_stage) != n_stages or len(n_conv_per_stage_decoder) != n_stages - 1:
-            raise ValueError(f"n_blocks_per_stage needs {n_stages} entries and n_conv_per_stage_decoder "
-                             f"{n_stages - 1}, got {list(n_blocks_per_stage)} and {list(n_conv_per_stage_decoder)}")
+        n_blocks_per_stage, n_conv_per_stage_decoder = _per_stage_counts(
+            n_stages, n_blocks_per_stage=n_blocks_per_stage, n_conv_per_stage_decoder=n_conv_per_stage_decoder)
         self.encoder = ResidualEncoder(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
                                        n_blocks_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
                                        dropout_op_kwargs, nonlin, nonlin_kwargs, block, bottleneck_channels,

@@ -308,3 +308,12 @@ def test_autocast_keeps_the_gate_in_the_feature_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(torch.randn(1, 2, 16, 16))
     assert out[0].dtype == torch.bfloat16 and torch.isfinite(out[0].float()).all()
+
+
+def test_per_stage_counts_of_the_wrong_length_are_named():
+    with pytest.raises(ValueError, match=r"n_conv_per_stage needs 3 entries .* got \[2, 2\] and \[2, 2\]"):
+        BANetPlainConvUNet(1, 3, [4, 8, 16], torch.nn.Conv3d, 3, [1, 2, 2], [2, 2], 2, 2)
+    with pytest.raises(ValueError, match=r"n_conv_per_stage_decoder 2, got \[1, 1, 1\] and \[1, 1, 1\]"):
+        BANetResidualEncoderUNet(1, 3, [4, 8, 16], torch.nn.Conv3d, 3, [1, 2, 2], 1, 2, [1, 1, 1])
+    net = BANetResidualEncoderUNet(1, 3, [4, 8, 16], torch.nn.Conv3d, 3, [1, 2, 2], 1, 2, 1)
+    assert len(net.encoder.stages) == 3 and len(net.decoder.stages) == 2
