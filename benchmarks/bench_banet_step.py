@@ -22,7 +22,6 @@ CPU default: patch 16x64x64, batch 2, 5 classes (KiPA22). CUDA default: AMP, pat
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -30,24 +29,13 @@ import time
 import numpy as np
 import torch
 
-from common import cpu_peak_rss, print_cpu_memory, time_steps
+from common import cpu_peak_rss, parse_step_args, print_cpu_memory, step_parser, time_steps
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--patch", type=int, nargs=3, default=None, help="D H W (default 16 64 64 CPU, 128 128 128 CUDA)")
-    p.add_argument("--batch", type=int, default=2)
+    p = step_parser(__doc__.split("\n\n")[0], [16, 64, 64], [128, 128, 128])
     p.add_argument("--classes", type=int, default=5, help="output classes incl. background (KiPA22: 5)")
     p.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0])
-    p.add_argument("--iters", type=int, default=3, help="timed steps per model (median reported)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA")
-    p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-RSS child processes")
-    args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.patch is None:
-        args.patch = [128, 128, 128] if args.device.startswith("cuda") else [16, 64, 64]
-    args.amp = args.device.startswith("cuda") and not args.no_amp
+    args = parse_step_args(p, argv)
     return args
 
 

@@ -22,31 +22,19 @@ AMP is used (``--no-amp`` to disable) and the default patch is the official 48x1
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from common import cpu_peak_rss, print_cpu_memory, time_steps
+from common import cpu_peak_rss, parse_step_args, print_cpu_memory, step_parser, time_steps
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--patch", type=int, nargs=3, default=None, help="D H W (default: 16 64 64 CPU, 48 192 192 CUDA)")
-    p.add_argument("--batch", type=int, default=2)
+    p = step_parser(__doc__.split("\n\n")[0], [16, 64, 64], [48, 192, 192])
     p.add_argument("--classes", type=int, default=14)
     p.add_argument("--spacing", type=float, nargs=3, default=[3.0, 0.8, 0.8],
                    help="voxel spacing the U-Net topology is planned for (nnU-Net's pooling rule uses it)")
-    p.add_argument("--iters", type=int, default=3, help="timed steps per model (median reported)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
-    p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA")
-    p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-RSS child processes")
-    args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.patch is None:
-        args.patch = [48, 192, 192] if args.device.startswith("cuda") else [16, 64, 64]
-    args.amp = args.device.startswith("cuda") and not args.no_amp
+    args = parse_step_args(p, argv)
     return args
 
 

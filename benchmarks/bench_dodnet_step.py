@@ -22,7 +22,6 @@ TransDoDNet patch 64x192x192.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -31,29 +30,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cotr_step import build_unet  # noqa: E402  (the same nnU-Net baseline as the CoTr benchmark)
-from common import time_steps  # noqa: E402
+from common import parse_step_args, step_parser, time_steps  # noqa: E402
 
 MODELS = ("DoDNet", "TransDoDNet", "U-Net")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--patch", type=int, nargs=3, default=None, help="D H W (default: 32 64 64 CPU, 64 192 192 CUDA)")
-    p.add_argument("--batch", type=int, default=2)
+    p = step_parser(__doc__.split("\n\n")[0], [32, 64, 64], [64, 192, 192], memory=False)
     p.add_argument("--tasks", type=int, default=7)
     p.add_argument("--spacing", type=float, nargs=3, default=[3.0, 0.8, 0.8],
                    help="voxel spacing the U-Net topology is planned for (nnU-Net's pooling rule uses it)")
-    p.add_argument("--iters", type=int, default=3, help="timed steps per model (median reported)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
-    p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA")
     p.add_argument("--all-tasks", action="store_true", help="TransDoDNet: compute every task's head (official)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.patch is None:
-        args.patch = [64, 192, 192] if args.device.startswith("cuda") else [32, 64, 64]
-    args.amp = args.device.startswith("cuda") and not args.no_amp
+    args = parse_step_args(p, argv)
     if "U-Net" not in args.models:
         args.models.append("U-Net")
     return args

@@ -13,26 +13,15 @@ the official patch 64x192x192.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import time_steps
+from common import parse_step_args, step_parser, time_steps
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--patch", type=int, nargs=3, default=None)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.patch is None:
-        args.patch = [64, 192, 192] if args.device.startswith("cuda") else [16, 64, 64]
-    args.amp = args.device.startswith("cuda")
+    p = step_parser(__doc__.split("\n\n")[0], [16, 64, 64], [64, 192, 192], memory=False)
+    args = parse_step_args(p, argv)
     return args
 
 

@@ -1,11 +1,40 @@
 """Timing and memory helpers shared by the training-step benchmarks (not a test; run the scripts)."""
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import statistics
 import time
 
 import torch
+
+
+def step_parser(description: str, cpu_patch, cuda_patch, memory: bool = True) -> argparse.ArgumentParser:
+    """The options every training-step benchmark takes (patch, batch, iterations, device, AMP, memory);
+    finish with :func:`parse_step_args`."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--patch", type=int, nargs=3, default=None,
+                   help=f"D H W (default: {' '.join(map(str, cpu_patch))} CPU, {' '.join(map(str, cuda_patch))} CUDA)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--iters", type=int, default=3, help="timed steps per model (median reported)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
+    p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA")
+    if memory:
+        p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-RSS child processes")
+    p.set_defaults(default_patches=(list(cpu_patch), list(cuda_patch)))
+    return p
+
+
+def parse_step_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse; resolve ``--device auto``, the device's default patch and ``amp`` (CUDA unless --no-amp)."""
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = args.device.startswith("cuda")
+    if args.patch is None:
+        args.patch = args.default_patches[1 if cuda else 0]
+    args.amp = cuda and not args.no_amp
+    return args
 
 
 def sync(device: str) -> None:
