@@ -163,6 +163,8 @@ class Challenge:
 def require_file(case: str, path: str, what: str) -> str:
     if not os.path.isfile(path):
         raise CaseError(case, path, f"missing {what}")
+    if os.path.getsize(path) == 0:
+        raise CaseError(case, path, f"cannot read {what}: the file is empty")
     return path
 
 
@@ -184,8 +186,11 @@ def _gunzip(case: str, path: str, data: bytes, what: str) -> bytes:
     try:
         return gzip.decompress(data)
     except (EOFError, OSError, zlib.error) as e:
-        problem = "truncated" if isinstance(e, EOFError) else "corrupt"
-        raise CaseError(case, path, f"cannot read {what}: the file is {problem} ({e})") from None
+        if b"\x1f\x8b".startswith(data):  # cut inside the 2-byte gzip magic: truncated, not a foreign format
+            problem, reason = "truncated", f"{len(data)} byte, inside the gzip header"
+        else:
+            problem, reason = ("truncated" if isinstance(e, EOFError) else "corrupt"), e
+        raise CaseError(case, path, f"cannot read {what}: the file is {problem} ({reason})") from None
 
 
 def verify_complete(case: str, path: str, what: str = "image") -> None:
@@ -205,6 +210,19 @@ def verify_complete(case: str, path: str, what: str = "image") -> None:
     if not d.eof:
         raise CaseError(case, path, f"cannot read {what}: the file is truncated (Compressed file ended before the "
                                     "end-of-stream marker was reached)")
+
+
+def _unreadable(case: str, path: str, what: str, error: Exception) -> CaseError:
+    """The error for a file SimpleITK cannot read. A NIfTI cut short (inside the gzip header, or before the end of
+    its NIfTI header) makes ITK answer "Unable to determine ImageIO reader"; only on this failure path is the file
+    decoded with :func:`load_file`, so its message says truncated or corrupt. Reading stays one pass for good
+    files."""
+    if _is_nifti(path):
+        try:
+            load_file(case, path, what)
+        except CaseError as e:
+            return e
+    return CaseError(case, path, f"cannot read {what} ({_itk_reason(error)})")
 
 
 @dataclass
@@ -238,19 +256,28 @@ def load_file(case: str, path: str, what: str = "image") -> Loaded:
         return Loaded(path, data)
     import nibabel
     raw = _gunzip(case, path, data, what) if path.endswith(".gz") else data
+    nifti2 = len(raw) >= 4 and int.from_bytes(raw[:4], "little") in (540, 0x1c020000)
+    header_size = 540 if nifti2 else 348
+    if len(raw) < header_size:
+        raise CaseError(case, path, f"cannot read {what}: the file is truncated ({len(raw)} "
+                                    f"{'uncompressed ' if path.endswith('.gz') else ''}bytes; the NIfTI header "
+                                    f"alone has {header_size})")
     try:
-        klass = nibabel.Nifti2Image if len(raw) >= 4 and int.from_bytes(raw[:4], "little") in (540, 0x1c020000) \
-            else nibabel.Nifti1Image
+        klass = nibabel.Nifti2Image if nifti2 else nibabel.Nifti1Image
         img = klass.from_bytes(raw)
     except Exception as e:
         raise CaseError(case, path, f"cannot read {what} as NIfTI ({e})") from None
     if len(img.shape) != 3:
         raise CaseError(case, path, f"expected a 3-D {what}, got size {_numbers(img.shape)} ({AXES_NOTE})")
-    needed = int(img.header.get_data_offset()) + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+    # The voxel data starts at the proxy's offset (vox_offset as stored): after from_bytes the header's own
+    # get_data_offset() is reset to 0, which would let a file short by less than the header length through.
+    offset = int(getattr(img.dataobj, "offset", img.header.get_data_offset()))
+    needed = offset + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
     if len(raw) < needed:
-        raise CaseError(case, path, f"cannot read {what}: the file is truncated ({len(raw)} bytes of header and "
-                                    f"voxel data; size {_numbers(img.shape)} and type "
-                                    f"{img.get_data_dtype()} need {needed})")
+        size = "uncompressed " if path.endswith(".gz") else ""
+        raise CaseError(case, path, f"cannot read {what}: the file is truncated ({len(raw)} {size}bytes of header "
+                                    f"and voxel data, {needed} needed: {offset} of header and {needed - offset} "
+                                    f"for size {_numbers(img.shape)} of type {img.get_data_dtype()})")
     return Loaded(path, data, img)
 
 
@@ -262,7 +289,7 @@ def read_sitk(case: str, path: str, what: str = "image"):
     try:
         return sitk.ReadImage(path)
     except Exception as e:  # SimpleITK raises RuntimeError with a long ITK message
-        raise CaseError(case, path, f"cannot read {what} ({_itk_reason(e)})") from None
+        raise _unreadable(case, path, what, e) from None
 
 
 def read_nifti(case: str, path: str, what: str = "image"):
@@ -307,7 +334,7 @@ class Geometry:
         try:
             reader.ReadImageInformation()
         except Exception as e:
-            raise CaseError(case, path, f"cannot read {what} ({_itk_reason(e)})") from None
+            raise _unreadable(case, path, what, e) from None
         return cls(tuple(int(s) for s in reader.GetSize()), tuple(float(s) for s in reader.GetSpacing()),
                    tuple(float(o) for o in reader.GetOrigin()), tuple(float(d) for d in reader.GetDirection()))
 

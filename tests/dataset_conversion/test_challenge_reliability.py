@@ -1,5 +1,7 @@
 """Issue 13 (reliability): truncated files, changed releases, stale temporaries, extra predictions in export."""
+import gzip
 import os
+import re
 import shutil
 
 import numpy as np
@@ -8,7 +10,7 @@ import SimpleITK as sitk
 
 from nnunet_plugins.dataset_conversion import amos22, kipa22, kits21, myops2020, segrap2023
 from nnunet_plugins.dataset_conversion import synthetic_releases as synth
-from nnunet_plugins.dataset_conversion.common import ChallengeError
+from nnunet_plugins.dataset_conversion.common import CaseError, ChallengeError, Geometry, load_file, read_sitk
 
 
 def _truncate(path, keep=0.5):
@@ -36,6 +38,50 @@ def test_truncated_file_is_an_error_naming_it(tmp_path, challenge, relative):
     with pytest.raises(ChallengeError, match=r"file .*" + os.path.basename(relative).replace(".", r"\.")
                        + r": cannot read (image|label|.*image): the file is truncated"):
         module.convert(rel, raw=str(tmp_path / "raw"), progress=False)
+
+
+def test_nifti_short_by_less_than_its_header_is_truncated(tmp_path):
+    """The voxel data must be complete counting from the real data offset (352 here), not from the header's
+    get_data_offset() (0 after nibabel's from_bytes): a file short by 200 bytes was accepted."""
+    rel = synth.kipa22(tmp_path / "kipa")
+    path = os.path.join(rel, "train", "image", "1.nii.gz")
+    raw = gzip.decompress(open(path, "rb").read())
+    img = sitk.ReadImage(path)
+    voxels = int(np.prod(img.GetSize())) * sitk.GetArrayViewFromImage(img).itemsize
+    offset = len(raw) - voxels                  # SimpleITK writes no extension: the header ends at the data
+    assert offset == 352
+    with open(path, "wb") as f:
+        f.write(gzip.compress(raw[:-200]))     # a complete gzip stream of a NIfTI missing its last 200 bytes
+    message = (f"case KiPA_1, file {path}: cannot read image: the file is truncated ({len(raw) - 200} uncompressed "
+               f"bytes of header and voxel data, {len(raw)} needed: {offset} of header and {voxels} for size "
+               f"{tuple(img.GetSize())} of type uint16)")
+    with pytest.raises(ChallengeError) as e:
+        kipa22.convert(str(rel), raw=str(tmp_path / "raw"), progress=False, num_processes=1)
+    assert message in str(e.value)
+    with pytest.raises(CaseError) as e:
+        load_file("KiPA_1", path)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("keep,reason", [
+    (0, "empty"), (1, r"truncated \(1 byte, inside the gzip header\)"),
+    (5, r"truncated \(Compressed file ended"), (30, r"truncated \(Compressed file ended"),
+])
+def test_file_cut_inside_the_gzip_header_is_truncated(tmp_path, keep, reason):
+    """SimpleITK cannot even pick a reader for these ("Unable to determine ImageIO reader"): the header-only read
+    that comes first must say the file is truncated and name it."""
+    rel = synth.kipa22(tmp_path / "kipa")
+    path = os.path.join(rel, "train", "image", "1.nii.gz")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:keep])
+    with pytest.raises(ChallengeError, match=r"case KiPA_1, file " + re.escape(path)
+                       + r": cannot read image: the file is " + reason):
+        kipa22.convert(str(rel), raw=str(tmp_path / "raw"), progress=False, num_processes=1)
+    with pytest.raises(CaseError, match=r"cannot read image: the file is " + reason):
+        Geometry.read("KiPA_1", path)
+    with pytest.raises(CaseError, match=r"cannot read prediction: the file is " + reason.split()[0]):
+        read_sitk("KiPA_1", path, "prediction")
 
 
 # item 2: a changed release file is reconverted on a rerun, and the run says so
