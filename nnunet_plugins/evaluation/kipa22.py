@@ -108,6 +108,10 @@ def evaluate_case(case: str, prediction: str | None, reference: str, official_sp
         pred_img.SetSpacing([s, s, s])
         pred_1mm = sitk.GetArrayFromImage(resample_to_1mm(pred_img, _with_size(pred_img, ref_img)))
     else:
+        if ignore_geometry:
+            # The official script resamples each image with its own geometry onto a grid of that same geometry,
+            # so only the prediction's voxel array counts: score that array on the reference's grid.
+            pred_img.CopyInformation(ref_img)
         pred_1mm = sitk.GetArrayFromImage(resample_to_1mm(pred_img, ref_img))
     row.update(distance_metrics(pred_1mm, ref_1mm))
     return [{k: row[k] for k in ["case"] + [f"{m}_{s}" for m in METRICS for s in STRUCTURES]}]
@@ -131,7 +135,8 @@ def evaluate(pred_dir: str, gt_dir: str, official_spacing_bug: bool = False, out
     """Evaluate KiPA22 predictions (``N.nii.gz`` or nnU-Net's ``KiPA_N.nii.gz``) against ``gt_dir`` (e.g. the
     release's train/label folder, or the release itself). ``missing`` / ``allow_extra``: see
     :func:`nnunet_plugins.evaluation.common.match_cases`; ``ignore_geometry``: score predictions whose geometry
-    differs from the reference's, as the official script does (it resamples each image with its own geometry)."""
+    differs from the reference's, as the official script does (it resamples each image with its own geometry, so
+    the prediction's voxel array is scored as if it had the reference's geometry: DSC, HD and AVD alike)."""
     gt_folder = os.path.join(gt_dir, "train", "label") if os.path.isdir(os.path.join(gt_dir, "train", "label")) \
         else gt_dir
     out_dir = output_folder(out_dir, pred_dir)

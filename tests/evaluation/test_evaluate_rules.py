@@ -88,6 +88,33 @@ def test_geometry_is_checked_as_export_does(tmp_path, kipa):
     assert result["summary"]["all"]["num_cases"] == 3 and result["ignore_geometry"] is True
 
 
+@pytest.mark.parametrize("official_spacing_bug", [False, True])
+def test_kipa22_ignore_geometry_scores_the_voxel_array_as_the_official_code(tmp_path, kipa, official_spacing_bug):
+    """The official script resamples each image with its own geometry: a prediction with the correct voxel array
+    and a flipped affine scores exactly as the correct file, for DSC, HD and AVD (not HD/AVD of an empty one)."""
+    rel, preds = kipa
+    kwargs = dict(progress=False, verbose=False, official_spacing_bug=official_spacing_bug)
+    # a prediction that is not perfect, so HD/AVD are not all 0: case 1 with a tumour voxel layer erased
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(preds / "1.nii.gz")))
+    z = np.nonzero((arr == 4).any(axis=(1, 2)))[0][0]
+    arr[z][arr[z] == 4] = 2
+    edited = sitk.GetImageFromArray(arr)
+    edited.CopyInformation(sitk.ReadImage(str(preds / "1.nii.gz")))
+    sitk.WriteImage(edited, str(preds / "1.nii.gz"))
+    correct = {r["case"]: r for r in kipa_eval.evaluate(str(preds), rel, out_dir=str(tmp_path / "ev0"),
+                                                        **kwargs)["rows"]}
+    assert 0 < correct["1"]["HD_Tumor"]
+    assert (correct["0"]["HD_Kidney"] == 0.0) != official_spacing_bug   # the bug misaligns even a perfect one
+    for case in ("0", "1"):
+        _flip(str(preds / f"{case}.nii.gz"), str(preds / f"{case}.nii.gz"))
+    flipped = {r["case"]: r for r in kipa_eval.evaluate(str(preds), rel, out_dir=str(tmp_path / "ev1"),
+                                                        ignore_geometry=True, **kwargs)["rows"]}
+    assert sorted(flipped) == sorted(correct) == ["0", "1", "2"]
+    for case in correct:
+        for key, value in correct[case].items():
+            assert flipped[case][key] == value or (np.isnan(value) and np.isnan(flipped[case][key])), (case, key)
+
+
 def test_geometry_checked_for_every_challenge(tmp_path):
     # KiTS21 (SimpleITK reading of the NIfTI release)
     rel = synth.kits21(tmp_path / "kits", num_cases=1)
