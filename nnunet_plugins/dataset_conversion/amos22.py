@@ -167,7 +167,7 @@ def convert(release_dir: str, task: int = 2, raw: str | None = None, dataset_id:
                        "merge_validation": merge_validation},
     }
     return build_dataset(raw, dataset_id or DEFAULT_DATASET_IDS[task], name or DEFAULT_NAMES[task], jobs, dj,
-                         num_processes=num_processes, overwrite=overwrite, progress=progress)
+                         release_dir, num_processes=num_processes, overwrite=overwrite, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------- export

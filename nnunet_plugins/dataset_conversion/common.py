@@ -671,13 +671,19 @@ class CaseJob:
     outputs: list = field(default_factory=list)
     sources: list = field(default_factory=list)
 
-    def stamps(self) -> dict:
-        """{source file: [size, modification time in ns]}: what the case is converted from."""
+    def stamps(self, release_dir: str) -> dict:
+        """{source file relative to ``release_dir``: [size, modification time in ns]}: what the case is converted
+        from. Relative paths, so a release moved or copied with its times (``mv``, ``cp -p``) is still up to date."""
         out = {}
         for p in self.sources:
             st = os.stat(p)
-            out[os.path.abspath(p)] = [int(st.st_size), int(st.st_mtime_ns)]
+            out[_release_path(p, release_dir)] = [int(st.st_size), int(st.st_mtime_ns)]
         return out
+
+
+def _release_path(path: str, release_dir: str) -> str:
+    """``path`` relative to the release folder, with ``/`` (the record's keys and the names in messages)."""
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(release_dir)).replace(os.sep, "/")
 
 
 def _job_done(folder: str, job: CaseJob) -> bool:
@@ -698,10 +704,14 @@ def _dataset_files(folder: str) -> set:
     return found
 
 
-def _read_provenance(folder: str) -> dict:
+def _read_provenance(folder: str, release_dir: str) -> dict:
+    """{case: {source relative to the release: [size, mtime]}}; records of earlier versions (absolute paths) are
+    read relative to ``release_dir``, so an unmoved release stays up to date."""
     try:
         with open(os.path.join(folder, PROVENANCE_FILE)) as f:
-            return json.load(f).get("cases", {})
+            cases = json.load(f).get("cases", {})
+        return {c: {(_release_path(p, release_dir) if os.path.isabs(p) else p): s for p, s in sources.items()}
+                for c, sources in cases.items()}
     except (OSError, ValueError, AttributeError):
         return {}
 
@@ -714,8 +724,7 @@ def _changed(jobs: Sequence[CaseJob], stamps: dict, recorded: dict) -> dict:
         before = recorded.get(j.case)
         if before != stamps[j.case]:
             before = before or {}
-            out[j.case] = sorted(os.path.basename(p) for p, s in stamps[j.case].items() if before.get(p) != s) \
-                if before else []
+            out[j.case] = sorted(p for p, s in stamps[j.case].items() if before.get(p) != s) if before else []
     return out
 
 
@@ -733,19 +742,39 @@ class _ProvenanceRecorder:
         if case is not None:
             self.cases[case] = self.stamps[case]
         if force or time.monotonic() - self.last > 2.0:
-            write_json({"about": "nnunet-plugins: size and modification time (ns) of each case's source files when "
-                                 "it was converted; a rerun reconverts cases whose sources changed",
+            write_json({"about": "nnunet-plugins: size and modification time (ns) of each case's source files "
+                                 "(paths relative to the release folder) when it was converted; a rerun "
+                                 "reconverts cases whose sources changed",
                         "cases": dict(sorted(self.cases.items()))}, self.path)
             self.last = time.monotonic()
 
 
+def _remove_dropped_cases(partial: str, final: str, expected: set, recorded: dict, stamps: dict) -> None:
+    """Remove the files of cases that are no longer in the release and say which (nnU-Net's preprocessed data and
+    splits made from the dataset still list them)."""
+    stale = sorted(_dataset_files(partial) - expected)
+    for rel in stale:
+        os.remove(os.path.join(partial, rel))
+    dropped = sorted(set(recorded) - set(stamps))
+    if dropped:
+        print(f"removing {len(dropped)} case(s) that are no longer in the release from {final}: "
+              f"{', '.join(dropped)} ({len(stale)} file(s)); rerun nnUNetv2_plan_and_preprocess, and delete "
+              "splits_final.json in nnUNet_preprocessed if it lists them")
+    elif stale:
+        print(f"removing {len(stale)} file(s) of cases that are no longer in the release from {final}: "
+              f"{', '.join(stale)}")
+
+
 def build_dataset(raw_root: str, dataset_id: int, name: str, jobs: Sequence[CaseJob], dataset_json: dict,
-                  num_processes: int = 1, overwrite: bool = False, progress: bool = True) -> str:
-    """Write the dataset ``raw_root/DatasetXXX_name`` from ``jobs``, atomically as a whole (see module doc).
+                  release_dir: str, num_processes: int = 1, overwrite: bool = False, progress: bool = True) -> str:
+    """Write the dataset ``raw_root/DatasetXXX_name`` from ``jobs`` (sources in ``release_dir``), atomically as a
+    whole (see module doc).
 
     ``dataset_json['conversion']`` (the tool's options) identifies a run: a finished dataset with the same
     dataset.json and unchanged sources is left as it is; cases whose source files changed (size or modification
-    time) are reconverted; a partial or finished dataset from other options needs ``overwrite``.
+    time; paths relative to ``release_dir``) are reconverted; cases no longer in the release are removed from the
+    dataset, with a message naming them (the dataset mirrors the release, as nnU-Net's dataset.json must count
+    its files); a partial or finished dataset from other options needs ``overwrite``.
     """
     raw_root = resolve_raw_root(raw_root)
     dataset_json = json.loads(json.dumps(dataset_json))  # tuples -> lists, as it will read back
@@ -762,14 +791,15 @@ def build_dataset(raw_root: str, dataset_id: int, name: str, jobs: Sequence[Case
             if os.path.isdir(f):
                 shutil.rmtree(f)
     expected = _expected_files(jobs)
-    stamps = {j.case: j.stamps() for j in jobs}
+    stamps = {j.case: j.stamps(release_dir) for j in jobs}
     if os.path.isdir(final):
         existing_json = None
         if os.path.isfile(os.path.join(final, "dataset.json")):
             with open(os.path.join(final, "dataset.json")) as f:
                 existing_json = json.load(f)
-        if existing_json == dataset_json and expected <= _dataset_files(final) \
-                and not _changed(jobs, stamps, _read_provenance(final)):
+        recorded = _read_provenance(final, release_dir)
+        if existing_json == dataset_json and expected == _dataset_files(final) \
+                and not set(recorded) - set(stamps) and not _changed(jobs, stamps, recorded):
             print(f"{final} is complete and up to date; nothing to do (use --overwrite to convert again)")
             return final
         if existing_json is None or existing_json.get("conversion") != dataset_json.get("conversion"):
@@ -789,10 +819,9 @@ def build_dataset(raw_root: str, dataset_id: int, name: str, jobs: Sequence[Case
                                  "use --overwrite to start clean")
     else:
         write_json(dataset_json.get("conversion"), marker)
-    stale = _dataset_files(partial) - expected
-    for rel in stale:  # files of cases that are no longer part of the release
-        os.remove(os.path.join(partial, rel))
-    recorded = _read_provenance(partial)
+    recorded = _read_provenance(partial, release_dir)
+    _remove_dropped_cases(partial, final, expected, recorded, stamps)
+    recorded = {c: s for c, s in recorded.items() if c in stamps}
     done = [j for j in jobs if _job_done(partial, j)]
     changed = _changed(done, stamps, recorded)
     reconvert = {c: files for c, files in changed.items() if c in recorded}

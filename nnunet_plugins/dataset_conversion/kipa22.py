@@ -87,8 +87,8 @@ def convert(release_dir: str, raw: str | None = None, dataset_id: int = DEFAULT_
         "description": "KiPA22 converted by nnunet-plugins; case ids KiPA_<original name>",
         "conversion": {"tool": "nnunet-plugins", "challenge": CHALLENGE},
     }
-    return build_dataset(raw, dataset_id, name, jobs, dj, num_processes=num_processes, overwrite=overwrite,
-                         progress=progress)
+    return build_dataset(raw, dataset_id, name, jobs, dj, release_dir, num_processes=num_processes,
+                         overwrite=overwrite, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------- export

@@ -122,7 +122,7 @@ def convert(release_dir: str, raw: str | None = None, dataset_id: int = DEFAULT_
                             {"case": case, "image": image, "label": label, "tolerance": tolerance},
                             [os.path.join("imagesTr", f"{case}_0000.nii.gz"),
                              os.path.join("labelsTr", f"{case}.nii.gz")], [image, label]))
-    return build_dataset(raw, dataset_id, name, jobs, dataset_json(len(jobs), label_source),
+    return build_dataset(raw, dataset_id, name, jobs, dataset_json(len(jobs), label_source), release_dir,
                          num_processes=num_processes, overwrite=overwrite, progress=progress)
 
 

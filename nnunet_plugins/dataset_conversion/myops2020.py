@@ -125,8 +125,8 @@ def convert(release_dir: str, raw: str | None = None, dataset_id: int = DEFAULT_
         "description": "MyoPS2020 converted by nnunet-plugins; labels 500->1, 600->2, 200->3, 1220->4, 2221->5",
         "conversion": {"tool": "nnunet-plugins", "challenge": CHALLENGE},
     }
-    return build_dataset(raw, dataset_id, name, jobs, dj, num_processes=num_processes, overwrite=overwrite,
-                         progress=progress)
+    return build_dataset(raw, dataset_id, name, jobs, dj, release_dir, num_processes=num_processes,
+                         overwrite=overwrite, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------- export

@@ -282,7 +282,7 @@ def convert(release_dir: str, task: int = 1, raw: str | None = None, dataset_id:
                        "labels": "map" if use_map else "masks", "check_masks": check_masks},
     }
     return build_dataset(raw, dataset_id or DEFAULT_DATASET_IDS[task], name or DEFAULT_NAMES[task], jobs, dj,
-                         num_processes=num_processes, overwrite=overwrite, progress=progress)
+                         release_dir, num_processes=num_processes, overwrite=overwrite, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------- export

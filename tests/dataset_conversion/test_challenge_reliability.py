@@ -1,5 +1,6 @@
 """Issue 13 (reliability): truncated files, changed releases, stale temporaries, extra predictions in export."""
 import gzip
+import json
 import os
 import re
 import shutil
@@ -100,7 +101,8 @@ def test_changed_source_is_reconverted_and_reported(tmp_path, capsys):
     capsys.readouterr()
     assert kipa22.convert(str(rel), raw=raw, progress=False) == folder
     out = capsys.readouterr().out
-    assert "reconverting 1 case(s) whose source files changed since they were converted: KiPA_1 (1.nii.gz)" in out
+    assert ("reconverting 1 case(s) whose source files changed since they were converted: KiPA_1 "
+            "(train/label/1.nii.gz)\n") in out
     assert "up to date" not in out
     converted = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, "labelsTr", "KiPA_1.nii.gz")))
     np.testing.assert_array_equal(converted, arr)
@@ -113,6 +115,52 @@ def test_changed_source_is_reconverted_and_reported(tmp_path, capsys):
     kipa22.convert(str(rel), raw=raw, progress=False)
     assert "converting 4 case(s) again: their files exist but there is no record" in capsys.readouterr().out
     assert os.path.isfile(os.path.join(folder, "conversion_sources.json"))
+
+
+def test_moved_release_is_up_to_date_and_removed_case_is_reported(tmp_path, capsys):
+    """The record is keyed by paths relative to the release: a release moved (or copied with its times) is up to
+    date; a case taken out of the release is removed from the dataset and named."""
+    rel = synth.kipa22(tmp_path / "kipa")
+    raw = str(tmp_path / "raw")
+    folder = kipa22.convert(str(rel), raw=raw, progress=False)
+    record = json.load(open(os.path.join(folder, "conversion_sources.json")))["cases"]
+    assert sorted(record["KiPA_1"]) == ["train/image/1.nii.gz", "train/label/1.nii.gz"]
+    assert sorted(record["KiPA_70"]) == ["test/image/70.nii.gz"]
+    # a record of an earlier version (absolute paths) of the same, unmoved release is still up to date
+    old = {"cases": {c: {os.path.join(str(rel), p): v for p, v in r.items()} for c, r in record.items()}}
+    json.dump(old, open(os.path.join(folder, "conversion_sources.json"), "w"))
+    capsys.readouterr()
+    kipa22.convert(str(rel), raw=raw, progress=False)
+    assert "complete and up to date; nothing to do" in capsys.readouterr().out
+    converted = [os.path.join(folder, "imagesTr", f) for f in os.listdir(os.path.join(folder, "imagesTr"))]
+    stamps = {f: os.stat(f).st_mtime_ns for f in converted}
+    moved = str(tmp_path / "moved" / "KiPA22")
+    os.makedirs(os.path.dirname(moved))
+    os.rename(rel, moved)
+    copied = str(tmp_path / "copied")
+    shutil.copytree(moved, copied, copy_function=shutil.copy2)    # cp -rp: contents and times
+    for release in (moved, copied):
+        capsys.readouterr()
+        assert kipa22.convert(release, raw=raw, progress=False) == folder
+        assert "complete and up to date; nothing to do" in capsys.readouterr().out
+    assert {f: os.stat(f).st_mtime_ns for f in converted} == stamps
+    # a case removed from the release: removed from the dataset (dataset.json counts the rest) and named
+    os.remove(os.path.join(copied, "train", "image", "2.nii.gz"))
+    os.remove(os.path.join(copied, "train", "label", "2.nii.gz"))
+    assert kipa22.convert(copied, raw=raw, progress=False) == folder
+    out = capsys.readouterr().out
+    assert (f"removing 1 case(s) that are no longer in the release from {folder}: KiPA_2 (2 file(s)); rerun "
+            "nnUNetv2_plan_and_preprocess") in out
+    assert "reconverting" not in out
+    assert sorted(os.listdir(os.path.join(folder, "labelsTr"))) == ["KiPA_0.nii.gz", "KiPA_1.nii.gz"]
+    assert json.load(open(os.path.join(folder, "dataset.json")))["numTraining"] == 2
+    assert "KiPA_2" not in json.load(open(os.path.join(folder, "conversion_sources.json")))["cases"]
+    # a removed test image (numTraining unchanged) is not "up to date" either
+    os.remove(os.path.join(copied, "test", "image", "70.nii.gz"))
+    kipa22.convert(copied, raw=raw, progress=False)
+    out = capsys.readouterr().out
+    assert "removing 1 case(s) that are no longer in the release" in out and ": KiPA_70 (1 file(s))" in out
+    assert os.listdir(os.path.join(folder, "imagesTs")) == []
 
 
 # item 6: our temporaries of a killed export are removed on the next run (only ours, by their naming pattern)
