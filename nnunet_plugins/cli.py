@@ -37,9 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (innermost) sub-command that ``args`` selected, e.g. that of ``convert kipa22``."""
+    while True:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(args, actions[0].dest, None) if actions else None
+        if chosen not in (actions[0].choices if actions else {}):
+            return parser
+        parser = actions[0].choices[chosen]
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse reports unknown options from the top-level parser ("nnunet-plugins: error: ..."); report them from
+        # the sub-command's parser, with its usage, as its other errors ("nnunet-plugins convert kipa22: error: ...")
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         result = args.func(args)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:

@@ -56,6 +56,23 @@ def test_invalid_output_location_and_interrupt_are_one_line(tmp_path, capsys, mo
     assert capsys.readouterr().err.strip() == "nnunet-plugins convert: interrupted"
 
 
+@pytest.mark.parametrize("argv,prog,unknown", [
+    (["convert", "kipa22", "REL", "--bogus", "x"], "nnunet-plugins convert kipa22", "--bogus x"),
+    (["evaluate", "amos22", "a", "b", "--ignore-geometry"], "nnunet-plugins evaluate amos22", "--ignore-geometry"),
+    (["list", "--zzz"], "nnunet-plugins list", "--zzz"),
+    (["banet", "split", "-d", "1", "--zzz"], "nnunet-plugins banet split", "--zzz"),
+])
+def test_unknown_option_error_names_the_sub_command(capsys, argv, prog, unknown):
+    """argparse reports unknown options from the top-level parser (``nnunet-plugins: error:``); they are reported
+    as the sub-command's other errors are, with its name and usage."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"{prog}: error: unrecognized arguments: {unknown}"
+    assert err.startswith(f"usage: {prog} ")
+
+
 def _raw_dataset(tmp_path, channels=2):
     raw = tmp_path / "raw"
     ds = raw / "Dataset077_Toy"
