@@ -1,11 +1,11 @@
 """Check prediction inputs before a long prediction: channel count and naming, complete decoding, geometry between
 the channels of a case.
 
-Stock ``nnUNetv2_predict`` does none of this up front: a case with a missing channel file fails inside nnU-Net's
-preprocessing worker with ``IndexError: list index out of range`` followed by "Some background worker is 6 feet
-under. Did it die because of an error above or because your RAM was full?", an extra channel file is not caught before
-the network either, and a truncated
-``.nii.gz`` is read by SimpleITK as zeros without a word, so a prediction of a partly blank image is written. The
+Stock ``nnUNetv2_predict`` does none of this up front: a case with an extra channel file fails inside nnU-Net's
+preprocessing worker with ``IndexError: list index out of range`` followed by "Background workers died. ... your RAM
+was full ..." (exit 1, no file name); a case with a missing channel file fails in the network's first convolution
+("expected input ... to have 2 channels, but got 1 channels instead"); a truncated ``.nii.gz`` is read by SimpleITK
+as zeros without a word, so a prediction of a partly blank image is written. The
 commands that predict here (``challenge-infer``, ``predict-multitask``) call :func:`check_cases` /
 :func:`check_model_inputs` first, and ``nnunet-plugins check-input`` runs the same checks on a folder for a trained
 model or a raw dataset.
