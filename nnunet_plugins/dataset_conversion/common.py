@@ -704,16 +704,18 @@ def _dataset_files(folder: str) -> set:
     return found
 
 
-def _read_provenance(folder: str, release_dir: str) -> dict:
-    """{case: {source relative to the release: [size, mtime]}}; records of earlier versions (absolute paths) are
-    read relative to ``release_dir``, so an unmoved release stays up to date."""
+def _read_provenance(folder: str, release_dir: str) -> tuple[dict, bool]:
+    """({case: {source relative to the release: [size, mtime]}}, whether the record is of an earlier version).
+    Records of earlier versions (absolute paths) are read relative to ``release_dir``, so an unmoved release stays
+    up to date (and the record is then rewritten with relative paths)."""
     try:
         with open(os.path.join(folder, PROVENANCE_FILE)) as f:
             cases = json.load(f).get("cases", {})
+        legacy = any(os.path.isabs(p) for sources in cases.values() for p in sources)
         return {c: {(_release_path(p, release_dir) if os.path.isabs(p) else p): s for p, s in sources.items()}
-                for c, sources in cases.items()}
+                for c, sources in cases.items()}, legacy
     except (OSError, ValueError, AttributeError):
-        return {}
+        return {}, False
 
 
 def _changed(jobs: Sequence[CaseJob], stamps: dict, recorded: dict) -> dict:
@@ -797,9 +799,11 @@ def build_dataset(raw_root: str, dataset_id: int, name: str, jobs: Sequence[Case
         if os.path.isfile(os.path.join(final, "dataset.json")):
             with open(os.path.join(final, "dataset.json")) as f:
                 existing_json = json.load(f)
-        recorded = _read_provenance(final, release_dir)
+        recorded, legacy = _read_provenance(final, release_dir)
         if existing_json == dataset_json and expected == _dataset_files(final) \
                 and not set(recorded) - set(stamps) and not _changed(jobs, stamps, recorded):
+            if legacy:
+                _ProvenanceRecorder(final, recorded, stamps)(None, force=True)
             print(f"{final} is complete and up to date; nothing to do (use --overwrite to convert again)")
             return final
         if existing_json is None or existing_json.get("conversion") != dataset_json.get("conversion"):
@@ -819,7 +823,7 @@ def build_dataset(raw_root: str, dataset_id: int, name: str, jobs: Sequence[Case
                                  "use --overwrite to start clean")
     else:
         write_json(dataset_json.get("conversion"), marker)
-    recorded = _read_provenance(partial, release_dir)
+    recorded, _ = _read_provenance(partial, release_dir)
     _remove_dropped_cases(partial, final, expected, recorded, stamps)
     recorded = {c: s for c, s in recorded.items() if c in stamps}
     done = [j for j in jobs if _job_done(partial, j)]

@@ -132,6 +132,7 @@ def test_moved_release_is_up_to_date_and_removed_case_is_reported(tmp_path, caps
     capsys.readouterr()
     kipa22.convert(str(rel), raw=raw, progress=False)
     assert "complete and up to date; nothing to do" in capsys.readouterr().out
+    assert json.load(open(os.path.join(folder, "conversion_sources.json")))["cases"] == record   # rewritten
     converted = [os.path.join(folder, "imagesTr", f) for f in os.listdir(os.path.join(folder, "imagesTr"))]
     stamps = {f: os.stat(f).st_mtime_ns for f in converted}
     moved = str(tmp_path / "moved" / "KiPA22")
