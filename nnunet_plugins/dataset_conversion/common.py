@@ -14,7 +14,8 @@
 * a process pool with a progress bar that collects every failing case instead of stopping at the first;
 * :func:`build_dataset`: writes ``nnUNet_raw/DatasetXXX_Name`` inside a hidden ``.DatasetXXX_Name.partial``
   folder, resumes an interrupted run there (finished cases are skipped), records what each case was converted
-  from (size and modification time of every source file) and reconverts cases whose sources changed, writes
+  from (size and modification time of every source file, by its path relative to the release folder), reconverts
+  cases whose sources changed, removes (and names) cases no longer in the release, writes
   ``dataset.json`` last and renames the folder into place, so nnU-Net never sees a half-written dataset;
 * submission helpers: completeness and extra-file checks, zip archives.
 """
