@@ -95,11 +95,16 @@ def _training_log(report):
 
 def test_multitask_batches_hold_one_task_per_rank(ddp):
     multitask = [t for t, reps in ddp["reports"].items() if reps[0]["steps"][0]["task_ids"] is not None]
-    assert {"UniSegTrainer", "DoDNetTrainer", "TransDoDNetTrainer"} <= set(multitask)
+    assert {"UniSegTrainer", "DoDNetTrainer", "TransDoDNetTrainer", "VerSemiTrainer"} <= set(multitask)
+    # VerSemi's stage 2 (the 1-epoch run starts in it) draws one unlabeled sample per rank and step
+    assert all(len(s["keys"]) == 2 for r in ddp["reports"]["VerSemiTrainer"] for s in r["steps"])
     for trainer in multitask:
         for report in ddp["reports"][trainer]:
             for step in report["steps"]:
-                assert len(step["task_ids"]) == 1 == len(step["keys"]), (trainer, step)
+                # semi-supervised multi-task batches (VerSemi's stage 2) append unlabeled samples, task id -1
+                labeled = [t for t in step["task_ids"] if t >= 0]
+                assert len(labeled) == 1 and len(step["keys"]) == len(step["task_ids"]), (trainer, step)
+                assert step["task_ids"][0] >= 0 and all(t == -1 for t in step["task_ids"][1:]), (trainer, step)
                 tag = step["keys"][0].split("_")[0]
                 assert {"CheckA": 0, "CheckB": 1}[tag] == step["task_ids"][0], (trainer, step)
         print(trainer, "tasks per step (rank 0 | rank 1):",
