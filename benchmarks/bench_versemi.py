@@ -87,9 +87,9 @@ def main(argv=None):
     for name in ("VerSemi stage 1", "VerSemi stage 2"):
         print(f"time ratio {name} / nnUNetTrainer: {med[name] / med['nnUNetTrainer']:.2f}"
               + (f"; memory ratio {peak[name] / peak['nnUNetTrainer']:.2f}" if name in peak else ""))
-    for tr in (vs, base):
-        tr.dataloader_train._finish()
-        tr.dataloader_val._finish()
+    for loader in (vs.dataloader_train, vs.dataloader_val, base.dataloader_train, base.dataloader_val):
+        if hasattr(loader, "_finish"):
+            loader._finish()
 
 
 if __name__ == "__main__":
