@@ -48,7 +48,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from nnunet_plugins.architectures.versemi import VerSemiUNet
-from nnunet_plugins.semi.dataloading import get_semi_dataloaders
+from nnunet_plugins.semi.dataloading import SemiBatchIterator, get_semi_dataloaders
 from nnunet_plugins.semi.split import record_semi_split
 from nnunet_plugins.trainers.multitask import MultiTaskTrainer
 from nnunet_plugins.training.cutmix import cutmix, draw_cubes, mask_at_scale, source_targets
@@ -137,6 +137,13 @@ class VerSemiTrainer(MultiTaskTrainer):
             record_semi_split(self.output_folder, d["labeled"], d["unlabeled_training_cases"], d["unlabeled_images"],
                               d["parameters"], d["source"])
         return train, val
+
+    def on_train_end(self):
+        super().on_train_end()
+        # nnU-Net shuts down its own augmenter classes only; a semi iterator wraps two (worker processes)
+        for loader in (self.dataloader_train, self.dataloader_val):
+            if isinstance(loader, SemiBatchIterator):
+                loader._finish()
 
     # ---- forward / loss ----------------------------------------------------------------------------
     def _num_classes(self, task_id: torch.Tensor) -> torch.Tensor:
