@@ -34,7 +34,7 @@ with second half; a batch of one sample, e.g. DDP with one sample per rank, mixe
 The CutMix terms use every deep-supervision output with nnU-Net's weights (the box resampled to each
 scale as nnU-Net resamples the targets).
 
-Optimisation (official): Adam lr 1e-3, betas (0.5, 0.999), constant learning rate; nnU-Net's epochs,
+Optimisation (official): Adam lr 1e-3, betas (0.5, 0.999), no weight decay, constant learning rate; nnU-Net's epochs,
 iterations, gradient clipping (12) and augmentation. Batch: the plans' batch size of labeled patches (the
 official 8) plus as many unlabeled patches in stage 2 (official 8 + 8).
 """
@@ -83,6 +83,7 @@ class VerSemiTrainer(MultiTaskTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 1e-3
         self.adam_betas = (0.5, 0.999)
+        self.weight_decay = 0.0   # official: Adam without weight decay (nnU-Net's default would be 3e-5)
         raw = os.environ.get(STAGE2_EPOCH_VARIABLE, "").strip()
         if raw:
             if not raw.isdigit():
@@ -129,8 +130,8 @@ class VerSemiTrainer(MultiTaskTrainer):
                                          tasks_per_batch=self.tasks_per_batch if train else 1)
 
         unlabeled = 0 if self.official_stage1_only else (self.unlabeled_batch_size or self.batch_size)
-        train, val = get_semi_dataloaders(self, self.batch_size, unlabeled, require_unlabeled=not self.official_stage1_only,
-                                          labeled_loader=loader)
+        train, val = get_semi_dataloaders(self, self.batch_size, unlabeled,
+                                          require_unlabeled=not self.official_stage1_only, labeled_loader=loader)
         train.draw_unlabeled = self.stage == 2
         if self.local_rank == 0:
             d = self.semi_data
