@@ -2,10 +2,11 @@
 from nnunet_plugins.trainers.base import PluginTrainer
 from nnunet_plugins.trainers.cotr import CoTrTrainer
 from nnunet_plugins.trainers.multitask import MultiTaskTrainer
+from nnunet_plugins.trainers.semi import SemiSupervisedTrainer
 from nnunet_plugins.trainers.uniseg import UniSegTrainer
 from nnunet_plugins.trainers.banet import BANetTrainer, BANetTrainer_consistency
 from nnunet_plugins.trainers.dodnet import DoDNetTrainer
 from nnunet_plugins.trainers.transdodnet import TransDoDNetTrainer
 
-__all__ = ["PluginTrainer", "CoTrTrainer", "MultiTaskTrainer", "UniSegTrainer", "BANetTrainer",
+__all__ = ["PluginTrainer", "CoTrTrainer", "MultiTaskTrainer", "SemiSupervisedTrainer", "UniSegTrainer", "BANetTrainer",
            "BANetTrainer_consistency", "DoDNetTrainer", "TransDoDNetTrainer"]
