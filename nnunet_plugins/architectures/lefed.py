@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_plugins.architectures.contract import PlansNetwork, network_name, resolve_arch_kwargs, total_stride
 from nnunet_plugins.architectures.blocks.vnet import (VNET_ENCODER_CONVS, VNetEncoder, vnet_conv_stage, vnet_norm,
                                                       vnet_norm_kind)
 
@@ -205,3 +206,223 @@ def inference_state_dict(state_dict: dict, keep_side: bool = False) -> dict:
     no ``side.*`` unless ``keep_side``)."""
     drop = ("decoder2.",) if keep_side else ("decoder2.", "side.")
     return {k: v for k, v in state_dict.items() if not k.startswith(drop)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LeFeD on nnU-Net's plans U-Net
+# ---------------------------------------------------------------------------------------------------------
+class InterpolateConv(nn.Module):
+    """Decoder 2's upsampling: (bi/tri)linear interpolation to the skip's size (``align_corners=True`` as the
+    official ``nn.Upsample``), then conv + norm + nonlinearity (``ConvDropoutNormReLU`` of the plans' ops)."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor, size) -> torch.Tensor:
+        mode = "trilinear" if x.ndim == 5 else "bilinear"
+        return self.conv(F.interpolate(x, size=tuple(size), mode=mode, align_corners=True))
+
+
+class LeFeDUNetDecoder2(nn.Module):
+    """LeFeD's second decoder on a plans U-Net encoder: the stages of nnU-Net's ``UNetDecoder`` (concatenation
+    with the skip, ``n_conv_per_stage`` convs with the skip stage's kernel), upsampling by interpolation + conv
+    instead of a transposed convolution, one output at full resolution (no deep supervision)."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, n_conv_per_stage: Sequence[int],
+                 nonlin_first: bool = False):
+        from dynamic_network_architectures.building_blocks.simple_conv_blocks import (ConvDropoutNormReLU,
+                                                                                      StackedConvBlocks)
+        super().__init__()
+        ops = dict(conv_bias=encoder.conv_bias, norm_op=encoder.norm_op, norm_op_kwargs=encoder.norm_op_kwargs,
+                   dropout_op=encoder.dropout_op, dropout_op_kwargs=encoder.dropout_op_kwargs,
+                   nonlin=encoder.nonlin, nonlin_kwargs=encoder.nonlin_kwargs)
+        channels, kernels = list(encoder.output_channels), list(encoder.kernel_sizes)
+        ups, stages = [], []
+        for s in range(1, len(channels)):
+            below, skip, kernel = channels[-s], channels[-(s + 1)], kernels[-(s + 1)]
+            ups.append(InterpolateConv(ConvDropoutNormReLU(encoder.conv_op, below, skip, kernel, 1, **ops,
+                                                           nonlin_first=nonlin_first)))
+            stages.append(StackedConvBlocks(n_conv_per_stage[s - 1], encoder.conv_op, 2 * skip, skip, kernel, 1,
+                                            **ops, nonlin_first=nonlin_first))
+        self.ups = nn.ModuleList(ups)
+        self.stages = nn.ModuleList(stages)
+        self.seg_head = encoder.conv_op(channels[0], num_classes, 1, 1, 0, bias=True)
+
+    def forward(self, skips: Sequence[torch.Tensor], gate_features: Sequence[torch.Tensor]):
+        """``skips``: encoder outputs (full resolution .. bottleneck); ``gate_features``: decoder 1's stage
+        features, deepest first. Returns (logits, stage features deepest first)."""
+        # detached: decoder 2 must not train decoder 1 through the gate (official: w.detach())
+        gates = [torch.sigmoid(f).detach() for f in gate_features]
+        x = skips[-1] + skips[-1] * gates[0]
+        features = [x]
+        for s, (up, stage) in enumerate(zip(self.ups, self.stages)):
+            skip = skips[-(s + 2)]
+            u = up(x, skip.shape[2:])
+            features.append(u)
+            x = stage(torch.cat((u, skip + skip * gates[s + 1]), 1))
+        return self.seg_head(x), features
+
+    def compute_conv_feature_map_size(self, skip_sizes: Sequence[Sequence[int]]) -> int:
+        """Conv outputs for skips of spatial sizes ``skip_sizes`` (full resolution first)."""
+        from nnunet_plugins.architectures.contract import conv_output_size
+
+        total = 0
+        for s, (up, stage) in enumerate(zip(self.ups, self.stages)):
+            size = skip_sizes[-(s + 2)]
+            total += up.conv.compute_conv_feature_map_size(size) + stage.compute_conv_feature_map_size(size)
+        return int(total + conv_output_size(self.seg_head.out_channels, skip_sizes[0]))
+
+
+class LeFeDUNet(PlansNetwork, nn.Module):
+    """LeFeD (Zeng, Xie, Lu et al., "Discrepancy Matters", IEEE TMI 2025) on nnU-Net's plain U-Net.
+
+    The paper's idea on the plans' backbone (the official code is a V-Net, :class:`LeFeDVNet`):
+
+    * ``encoder``: ``PlainConvEncoder`` of the plans (``PlainConvUNet`` arguments);
+    * ``decoder`` (decoder 1, used for inference): nnU-Net's ``UNetDecoder`` (transposed-convolution
+      upsampling, deep-supervision outputs), so encoder + decoder 1 is ``PlainConvUNet`` tensor for tensor
+      (same state-dict names);
+    * ``decoder2`` (:class:`LeFeDUNetDecoder2`, training only): interpolation + conv upsampling, gated by
+      decoder 1's stage features (detached sigmoid): bottleneck ``x <- x + x * sigmoid(F1_0)``, each skip
+      ``skip <- skip + skip * sigmoid(F1_k)`` before the concatenation (the paper's residual gate; the
+      V-Net adds the gated skip instead, as its decoder adds rather than concatenates skips).
+
+    Stage features ``F_k`` (deepest first, as :class:`LeFeDVNet`): ``F_0`` the decoder's (gated, decoder 2)
+    bottleneck, ``F_k`` the upsampled map of decoder stage ``k`` before the skip joins (transposed-conv
+    output for decoder 1), with the channels and size of encoder stage ``n_stages - 1 - k``. The feedback
+    ``e_k`` (:func:`discrepancy_feedback`) is added to that encoder stage's output on the next pass.
+
+    Args: those of ``dynamic_network_architectures.architectures.unet.PlainConvUNet`` (``input_channels``,
+    ``n_stages``, ``features_per_stage``, ``conv_op``, ``kernel_sizes``, ``strides``, ``n_conv_per_stage``,
+    ``num_classes``, ``n_conv_per_stage_decoder``, ``conv_bias``, ``norm_op(_kwargs)``, ``dropout_op(_kwargs)``,
+    ``nonlin(_kwargs)``, ``deep_supervision``, ``nonlin_first``) plus ``inference`` (default: ``not
+    deep_supervision``, as nnU-Net's predictor builds networks without deep supervision): build encoder +
+    decoder 1 only. The inference network's ``load_state_dict`` takes a training checkpoint (its
+    ``decoder2.*`` entries are dropped; every inference parameter must be present, strict).
+
+    Shapes (input ``x``: ``(B, input_channels, *spatial)``, spatial axes multiples of the total stride):
+
+    * ``forward(x)``: decoder 1's output as ``PlainConvUNet``'s: list of logits highest resolution first
+      (``(B, num_classes, *spatial)``, ``(B, num_classes, *spatial / stride_1)``, ...) with deep supervision,
+      else one tensor ``(B, num_classes, *spatial)`` (nnU-Net's validation and predictor call this);
+    * ``forward(x, feedback=e, both=True)`` (training network): :class:`LeFeDOutput` with ``seg1`` / ``seg2``
+      ``(B, num_classes, *spatial)``, ``side1`` decoder 1's lower-resolution deep-supervision outputs (so
+      ``[seg1, *side1]`` is nnU-Net's list), ``features1`` / ``features2`` (``n_stages`` tensors each).
+
+    Parameter counts (1 input channel, 2 classes, nnU-Net 3d_fullres plans of 6 stages, 32..320 features,
+    3x3x3 kernels): see ``tests/architectures/test_lefed_unet.py`` (decoder 2 adds about as many parameters as
+    decoder 1; the inference network has exactly ``PlainConvUNet``'s).
+    """
+
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, kernel_sizes, strides,
+                 n_conv_per_stage, num_classes: int, n_conv_per_stage_decoder, conv_bias: bool = False,
+                 norm_op=None, norm_op_kwargs: dict = None, dropout_op=None, dropout_op_kwargs: dict = None,
+                 nonlin=None, nonlin_kwargs: dict = None, deep_supervision: bool = False, nonlin_first: bool = False,
+                 inference: Optional[bool] = None):
+        from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+        from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+        super().__init__()
+        if isinstance(n_conv_per_stage, int):
+            n_conv_per_stage = [n_conv_per_stage] * n_stages
+        if isinstance(n_conv_per_stage_decoder, int):
+            n_conv_per_stage_decoder = [n_conv_per_stage_decoder] * (n_stages - 1)
+        if len(n_conv_per_stage) != n_stages or len(n_conv_per_stage_decoder) != n_stages - 1:
+            raise ValueError(f"n_conv_per_stage needs {n_stages} entries and n_conv_per_stage_decoder "
+                             f"{n_stages - 1}, got {list(n_conv_per_stage)} and {list(n_conv_per_stage_decoder)}")
+        self.inference = (not deep_supervision) if inference is None else bool(inference)
+        self.encoder = PlainConvEncoder(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
+                                        n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
+                                        dropout_op_kwargs, nonlin, nonlin_kwargs, return_skips=True,
+                                        nonlin_first=nonlin_first)
+        self.decoder = UNetDecoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision,
+                                   nonlin_first=nonlin_first)
+        self.decoder2 = None if self.inference else \
+            LeFeDUNetDecoder2(self.encoder, num_classes, n_conv_per_stage_decoder, nonlin_first)
+
+    # ---- nnU-Net contract -------------------------------------------------------------------------
+    @classmethod
+    def class_for_plans(cls, configuration_manager) -> type:
+        name = configuration_manager.network_arch_class_name
+        if name == network_name(cls) or name.rpartition(".")[2] == "PlainConvUNet":
+            return cls
+        raise ValueError(f"LeFeD needs plans with nnU-Net's plain U-Net (PlainConvUNet) or {network_name(cls)}, "
+                         f"but the plans name {name!r}; plan with nnUNetv2_plan_experiment (default planner)")
+
+    @classmethod
+    def kwargs_from_plans(cls, configuration_manager) -> dict:
+        """The plans' ``PlainConvUNet`` arguments (LeFeD adds no argument of its own)."""
+        cls.class_for_plans(configuration_manager)   # clear error for other architectures
+        return resolve_arch_kwargs(configuration_manager)
+
+    @classmethod
+    def divisor_for(cls, kwargs: dict, dim: int) -> tuple:
+        return total_stride(kwargs["strides"], dim)
+
+    @staticmethod
+    def initialize(module):
+        from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+        InitWeights_He(1e-2)(module)   # as PlainConvUNet
+
+    @property
+    def deep_supervision(self) -> bool:
+        return self.decoder.deep_supervision
+
+    @deep_supervision.setter
+    def deep_supervision(self, enabled: bool) -> None:
+        self.decoder.deep_supervision = bool(enabled)
+
+    def encode(self, x: torch.Tensor, feedback: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
+        """Encoder stage outputs (full resolution .. bottleneck); ``feedback`` (deepest first) is added to the
+        stage output of matching size before it goes on to the next stage and the decoders."""
+        stages = list(self.encoder.stages)
+        if feedback is not None and len(feedback) != len(stages):
+            raise ValueError(f"feedback needs {len(stages)} tensors (one per encoder stage), got {len(feedback)}")
+        skips = []
+        for s, stage in enumerate(stages):
+            x = stage(x)
+            if feedback is not None:
+                x = x + feedback[len(stages) - 1 - s].to(x.dtype)
+            skips.append(x)
+        return skips
+
+    def decode1(self, skips: Sequence[torch.Tensor], all_outputs: bool):
+        """Decoder 1 (``UNetDecoder``'s computation, keeping its stage features). Returns (outputs highest
+        resolution first, stage features deepest first)."""
+        dec = self.decoder
+        x, features, outputs = skips[-1], [skips[-1]], []
+        n = len(dec.stages)
+        for s in range(n):
+            u = dec.transpconvs[s](x)
+            features.append(u)
+            x = dec.stages[s](torch.cat((u, skips[-(s + 2)]), 1))
+            if all_outputs or s == n - 1:
+                outputs.append(dec.seg_layers[s](x))
+        return outputs[::-1], features
+
+    def forward(self, x: torch.Tensor, feedback: Optional[Sequence[torch.Tensor]] = None, both: bool = False):
+        skips = self.encode(x, feedback)
+        outputs, features1 = self.decode1(skips, self.deep_supervision)
+        if not both:
+            return outputs if self.deep_supervision else outputs[0]
+        if self.decoder2 is None:
+            raise RuntimeError("this LeFeDUNet is an inference network (encoder + decoder 1): it has no decoder 2")
+        seg2, features2 = self.decoder2(skips, features1)
+        return LeFeDOutput(outputs[0], seg2, outputs[1:], features1, features2)
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        if self.inference:   # a training checkpoint: its decoder 2 is not part of the inference network
+            state_dict = inference_state_dict(state_dict, keep_side=True)
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+
+    def compute_conv_feature_map_size(self, input_size) -> int:
+        total = int(self.encoder.compute_conv_feature_map_size(input_size)
+                    + self.decoder.compute_conv_feature_map_size(input_size))
+        if self.decoder2 is not None:
+            sizes, size = [], list(input_size)
+            for stride in self.encoder.strides:
+                size = [i // j for i, j in zip(size, stride)]
+                sizes.append(size)
+            total += self.decoder2.compute_conv_feature_map_size(sizes)
+        return total
