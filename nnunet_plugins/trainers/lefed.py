@@ -25,7 +25,6 @@ predictor builds the network without deep supervision, which is LeFeD's inferenc
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
@@ -116,9 +115,9 @@ class LeFeDTrainer(SemiSupervisedTrainer):
         return dec1 + self.decoder2_weight * dec2, {"decoder1_loss": dec1.detach(), "decoder2_loss": dec2.detach()}
 
     def unlabeled_loss(self, output: LeFeDOutput, batch: dict):
-        nonlin = self.label_manager.apply_inference_nonlin
-        p1, p2 = nonlin(output.seg1.float()), nonlin(output.seg2.float())
-        return F.mse_loss(p1, p2), {}
+        # over the class axis of a batch (nnU-Net's label_manager.apply_inference_nonlin works on one case)
+        nonlin = torch.sigmoid if self.label_manager.has_regions else (lambda t: torch.softmax(t, 1))
+        return F.mse_loss(nonlin(output.seg1.float()), nonlin(output.seg2.float())), {}
 
     def online_evaluation(self, output: LeFeDOutput, batch: dict) -> dict:
         return super().online_evaluation(self.decoder1_outputs(output), batch)
