@@ -139,7 +139,7 @@ def discrepancy_feedback(f1_list: Sequence[torch.Tensor], f2_list: Sequence[torc
     return out
 
 
-class LeFeDVNet(nn.Module):
+class LeFeDVNet(PlansNetwork, nn.Module):
     """LeFeD's official V-Net (see the module docstring for the paper, layout, shapes and counts).
 
     Args:
@@ -151,12 +151,29 @@ class LeFeDVNet(nn.Module):
         deep_supervision: return decoder 1's side outputs (default: True for training, False for inference).
         upsample_side_outputs: side outputs at full resolution (official) or at their stage's resolution.
         inference: build encoder + decoder 1 only (with ``side`` when ``deep_supervision``).
+        nnunet_outputs: ``forward(x)`` returns decoder 1's output as nnU-Net's networks do (``[seg1, *side1]``
+            with deep supervision, else ``seg1``) and ``forward(x, feedback, both=True)`` the
+            :class:`LeFeDOutput`; set by :meth:`from_plans` (``LeFeDTrainer`` on plans naming this class).
+            False (default): ``forward(x, feedback)`` of the training network returns :class:`LeFeDOutput`.
+
+    From plans (``architecture.network_class_name`` = this class, ``arch_kwargs`` any of the arguments above
+    except channels, classes, deep supervision and inference): side outputs stay at their own resolution
+    (``upsample_side_outputs=False`` unless the plans say otherwise) so that nnU-Net's downsampled
+    deep-supervision targets fit (scales 1, 1, 1/2, .. 1/16 for ``[seg1, *side1]``); nnU-Net's predictor
+    (deep supervision off) builds the inference network, whose ``load_state_dict`` drops the training-only
+    ``decoder2.*`` / ``side.*`` entries of a checkpoint (strict otherwise). Patch axes: multiples of 16.
     """
+
+    spatial_dims = (3,)
+    context_kwargs = ("input_channels", "num_classes", "deep_supervision", "inference", "nnunet_outputs")
+    #: decoder level of the first side output (0 = full resolution), for LeFeD's deep-supervision weights
+    first_side_level = 0
 
     def __init__(self, input_channels: int = 1, num_classes: int = 2, n_filters: int = 16,
                  normalization: str = "batch", has_dropout: bool = True, deep_supervision: Optional[bool] = None,
-                 upsample_side_outputs: bool = True, inference: bool = False):
+                 upsample_side_outputs: bool = True, inference: bool = False, nnunet_outputs: bool = False):
         super().__init__()
+        self.nnunet_outputs = nnunet_outputs
         if deep_supervision is None:  # side outputs are a training device: on for training, off for inference
             deep_supervision = not inference
         self.inference = inference
@@ -181,14 +198,61 @@ class LeFeDVNet(nn.Module):
             outs.append(o)
         return outs
 
-    def forward(self, x: torch.Tensor, feedback: Optional[Sequence[torch.Tensor]] = None):
+    def forward(self, x: torch.Tensor, feedback: Optional[Sequence[torch.Tensor]] = None, both: bool = False):
         skips = self.encoder(x, feedback)
         seg1, features1 = self.decoder1(skips)
         side1 = self.side_outputs(features1, x.shape[2:]) if self.deep_supervision else []
-        if self.inference:
+        if self.inference or (self.nnunet_outputs and not both):
+            if both:
+                raise RuntimeError("this LeFeDVNet is an inference network (encoder + decoder 1): it has no decoder 2")
             return [seg1, *side1] if self.deep_supervision else seg1
         seg2, features2 = self.decoder2(skips, gate_features=features1)
         return LeFeDOutput(seg1, seg2, side1, features1, features2)
+
+    # ---- nnU-Net contract (plans naming this class) ----------------------------------------------------
+    @classmethod
+    def kwargs_from_plans(cls, configuration_manager) -> dict:
+        return {"upsample_side_outputs": False, **cls.arch_kwargs_from_plans(configuration_manager)}
+
+    @classmethod
+    def from_plans(cls, plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
+                   deep_supervision: bool = True, **extra):
+        # nnU-Net's predictor builds networks without deep supervision: that is the inference network
+        extra = {"inference": not deep_supervision, "nnunet_outputs": True, **extra}
+        return super().from_plans(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                  deep_supervision, **extra)
+
+    @classmethod
+    def divisor_for(cls, kwargs: dict, dim: int) -> tuple:
+        return (2 ** (len(VNET_ENCODER_CONVS) - 1),) * dim
+
+    @classmethod
+    def plans_deep_supervision_scales(cls, configuration_manager) -> list:
+        """Scales of ``[seg1, *side1]`` (the side outputs full resolution .. bottleneck)."""
+        dim = len(configuration_manager.patch_size)
+        upsampled = cls.kwargs_from_plans(configuration_manager)["upsample_side_outputs"]
+        sides = [[1.0] * dim if upsampled else [0.5 ** i] * dim for i in range(len(VNET_ENCODER_CONVS))]
+        return [[1.0] * dim] + sides
+
+    def compute_conv_feature_map_size(self, input_size) -> int:
+        """Conv outputs for one sample (every convolution and transposed convolution once; a dry run)."""
+        counts = []
+        hooks = [m.register_forward_hook(lambda m, i, o: counts.append(o[0].numel()))
+                 for m in self.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+        training = self.training
+        try:
+            with torch.no_grad():
+                self.eval()(torch.zeros(1, self.encoder.stages[0][0].in_channels, *input_size), both=not self.inference)
+        finally:
+            self.train(training)
+            for h in hooks:
+                h.remove()
+        return int(sum(counts))
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        if self.inference:   # a training checkpoint: decoder 2 (and side outputs) are not in the inference network
+            state_dict = inference_state_dict(state_dict, keep_side=self.side is not None)
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
 
     def build_inference_network(self, deep_supervision: bool = False) -> "LeFeDVNet":
         """A network of encoder + decoder 1 (+ side outputs with ``deep_supervision``) with this one's weights."""
@@ -341,19 +405,55 @@ class LeFeDUNet(PlansNetwork, nn.Module):
             LeFeDUNetDecoder2(self.encoder, num_classes, n_conv_per_stage_decoder, nonlin_first)
 
     # ---- nnU-Net contract -------------------------------------------------------------------------
+    # plans naming LeFeDVNet build the official V-Net instead (every contract question goes to it)
+    first_side_level = 1
+
     @classmethod
     def class_for_plans(cls, configuration_manager) -> type:
         name = configuration_manager.network_arch_class_name
         if name == network_name(cls) or name.rpartition(".")[2] == "PlainConvUNet":
             return cls
-        raise ValueError(f"LeFeD needs plans with nnU-Net's plain U-Net (PlainConvUNet) or {network_name(cls)}, "
-                         f"but the plans name {name!r}; plan with nnUNetv2_plan_experiment (default planner)")
+        if name == network_name(LeFeDVNet):
+            return LeFeDVNet
+        raise ValueError(f"LeFeD needs plans with nnU-Net's plain U-Net (PlainConvUNet), {network_name(cls)} or "
+                         f"{network_name(LeFeDVNet)}, but the plans name {name!r}; plan with "
+                         f"nnUNetv2_plan_experiment (default planner)")
+
+    @classmethod
+    def _vnet(cls, configuration_manager):
+        return cls.class_for_plans(configuration_manager) is LeFeDVNet
 
     @classmethod
     def kwargs_from_plans(cls, configuration_manager) -> dict:
         """The plans' ``PlainConvUNet`` arguments (LeFeD adds no argument of its own)."""
-        cls.class_for_plans(configuration_manager)   # clear error for other architectures
+        if cls._vnet(configuration_manager):
+            return LeFeDVNet.kwargs_from_plans(configuration_manager)
         return resolve_arch_kwargs(configuration_manager)
+
+    @classmethod
+    def check_plans(cls, configuration_manager, configuration: str = "") -> None:
+        (LeFeDVNet if cls._vnet(configuration_manager) else super()).check_plans(configuration_manager, configuration)
+
+    @classmethod
+    def from_plans(cls, plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
+                   deep_supervision: bool = True, **extra):
+        if cls._vnet(configuration_manager):
+            return LeFeDVNet.from_plans(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                        deep_supervision, **extra)
+        return super().from_plans(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                  deep_supervision, **extra)
+
+    @classmethod
+    def plans_divisor(cls, configuration_manager) -> tuple:
+        if cls._vnet(configuration_manager):
+            return LeFeDVNet.plans_divisor(configuration_manager)
+        return super().plans_divisor(configuration_manager)
+
+    @classmethod
+    def plans_deep_supervision_scales(cls, configuration_manager):
+        if cls._vnet(configuration_manager):
+            return LeFeDVNet.plans_deep_supervision_scales(configuration_manager)
+        return super().plans_deep_supervision_scales(configuration_manager)
 
     @classmethod
     def divisor_for(cls, kwargs: dict, dim: int) -> tuple:

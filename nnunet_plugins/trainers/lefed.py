@@ -85,7 +85,8 @@ class LeFeDTrainer(SemiSupervisedTrainer):
             base.weight_ce = 0   # nnU-Net's DC_and_CE / DC_and_BCE skip the CE term at weight 0
         self.segmentation_loss = base
         if isinstance(loss, DeepSupervisionWrapper) and self.ds_weights == "paper":
-            loss = DeepSupervisionWrapper(base, paper_ds_weights(len(loss.weight_factors), ddp=self.is_ddp))
+            first = self.network_class.class_for_plans(self.configuration_manager).first_side_level
+            loss = DeepSupervisionWrapper(base, paper_ds_weights(len(loss.weight_factors), first, ddp=self.is_ddp))
         return loss
 
     def configure_optimizers(self):

@@ -94,6 +94,11 @@ class SemiSupervisedTrainer(PluginTrainer):
         self.batch_size = int(self.labeled_batch_size) + int(self.unlabeled_batch_size)
         self.semi_data = None
 
+    def _set_batch_size_and_oversample(self):
+        # nnU-Net splits the plans' batch over the DDP ranks here; a semi-supervised batch is L + U per process
+        # (each rank draws its own, with nnU-Net's foreground oversampling of the L labeled patches)
+        self.batch_size = int(self.labeled_batch_size) + int(self.unlabeled_batch_size)
+
     # ---- data --------------------------------------------------------------------------------------
     def get_dataloaders(self):
         train, val = get_semi_dataloaders(self, int(self.labeled_batch_size), int(self.unlabeled_batch_size),
@@ -151,3 +156,13 @@ class SemiSupervisedTrainer(PluginTrainer):
             return sup, log
         log["unlabeled_loss"] = unsup.detach()
         return sup + self.unlabeled_loss_weight * unsup, log
+
+
+class LabeledOnlyTrainer(SemiSupervisedTrainer):
+    """nnU-Net's default training on the labeled cases of the semi split only (batches of L labeled patches,
+    nnU-Net's loss, no unlabeled data): the supervised lower bound semi-supervised papers report, trained on
+    exactly the cases a semi-supervised trainer keeps labeled (``nnUNetv2_train D 3d_fullres 0 -tr
+    LabeledOnlyTrainer``)."""
+
+    unlabeled_batch_size = 0
+    require_unlabeled = False

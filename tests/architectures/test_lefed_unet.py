@@ -180,3 +180,34 @@ def test_from_plans():
     net2d = LeFeDUNet.from_plans(pm_2d, cm_2d, 1, 2, True)
     out = net2d(torch.randn(2, 1, 32, 32), both=True)
     assert out.seg2.shape == (2, 2, 32, 32)
+
+
+def test_official_vnet_from_plans():
+    from nnunet_plugins.architectures.contract import network_name
+    from nnunet_plugins.architectures.lefed import LeFeDVNet
+
+    pm, cm = configuration((20, 40, 56), network_name(LeFeDVNet))
+    train = LeFeDUNet.from_plans(pm, cm, 1, 2, True)       # what LeFeDTrainer builds on plans naming the V-Net
+    assert type(train) is LeFeDVNet and not train.inference and not train.upsample_side_outputs
+    assert sum(p.numel() for p in train.parameters()) == 12_348_718
+    inference = LeFeDUNet.from_plans(pm, cm, 1, 2, False)  # what nnUNetv2_predict builds
+    assert inference.inference and sum(p.numel() for p in inference.parameters()) == 9_448_866
+    inference.load_state_dict(train.state_dict())           # strict; decoder2.* and side.* dropped
+    assert LeFeDUNet.plans_divisor(cm) == (16, 16, 16) and LeFeDUNet.fit_patch([20, 44, 56], cm) == [16, 48, 64]
+    scales = LeFeDUNet.plans_deep_supervision_scales(cm)
+    assert scales == [[1.0] * 3, [1.0] * 3, [0.5] * 3, [0.25] * 3, [0.125] * 3, [0.0625] * 3]
+    small_pm, small_cm = configuration((16, 16, 32), network_name(LeFeDVNet), {"n_filters": 4})
+    small = LeFeDUNet.from_plans(small_pm, small_cm, 1, 2, True).eval()
+    x = torch.randn(1, 1, 16, 16, 32)
+    with torch.no_grad():
+        ds = small(x)                                         # nnU-Net's list: [seg1, *side1]
+        both = small(x, both=True)
+    assert [tuple(o.shape[2:]) for o in ds] == [tuple(int(s * f) for s, f in zip((16, 16, 32), sc)) for sc in scales]
+    assert isinstance(both, LeFeDOutput) and torch.allclose(ds[0], both.seg1)
+    small.deep_supervision = False
+    with torch.no_grad():
+        assert torch.allclose(small(x), both.seg1)
+    assert small.compute_conv_feature_map_size((16, 16, 32)) > \
+        LeFeDUNet.from_plans(small_pm, small_cm, 1, 2, False).compute_conv_feature_map_size((16, 16, 32))
+    with pytest.raises(ValueError, match="3-D network"):
+        LeFeDUNet.from_plans(*configuration((16, 16), network_name(LeFeDVNet)), 1, 2, True)

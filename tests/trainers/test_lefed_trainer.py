@@ -185,3 +185,26 @@ def test_validation_step_reports_decoder1_dice(results):
     trainer.network.deep_supervision = False
     with torch.no_grad():   # nnU-Net's final validation and predictor: decoder 1's tensor
         assert trainer.network(batch["data"]).shape == (2, 3, *trainer.configuration_manager.patch_size)
+
+
+def test_official_vnet_selected_by_the_plans(results):
+    from nnunet_plugins.architectures.lefed import LeFeDVNet
+
+    plans = make_plans(3)
+    plans["configurations"]["cfg"]["architecture"] = {"network_class_name": LeFeDVNet.network_name(),
+                                                      "arch_kwargs": {"n_filters": 4}, "_kw_requires_import": []}
+    trainer = LeFeDTrainer.__new__(type("LeFeDTrainerPaperDS", (LeFeDTrainer,), {"ds_weights": "paper"}))
+    type(trainer).__init__(trainer, plans, "cfg", 0, copy.deepcopy(DATASET_JSON), torch.device("cpu"))
+    assert trainer.configuration_manager.patch_size == [16, 16, 16]    # fitted to the V-Net's divisor
+    trainer.num_input_channels = 1
+    trainer.network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1,
+                                                         trainer.label_manager.num_segmentation_heads, True)
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    trainer.loss = trainer._build_loss()
+    assert type(trainer.network) is LeFeDVNet
+    assert list(trainer.loss.weight_factors) == [1.0, 0.8, 0.6, 0.4, 0.2, 0.1]
+    steps = []
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]
+    log = trainer.train_step(make_batch(trainer))
+    assert len(steps) == 3 and np.isfinite(log["loss"]) and log["unlabeled_loss"] > 0
