@@ -62,7 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_plugins.architectures.contract import PlansNetwork, network_name, resolve_arch_kwargs, total_stride
+from nnunet_plugins.architectures.contract import (DecoderDeepSupervision, PlansNetwork, network_name,
+                                                   resolve_arch_kwargs, total_stride)
 from nnunet_plugins.architectures.blocks.vnet import (VNET_ENCODER_CONVS, VNetEncoder, vnet_conv_stage, vnet_norm,
                                                       vnet_norm_kind)
 
@@ -338,7 +339,7 @@ class LeFeDUNetDecoder2(nn.Module):
         return int(total + conv_output_size(self.seg_head.out_channels, skip_sizes[0]))
 
 
-class LeFeDUNet(PlansNetwork, nn.Module):
+class LeFeDUNet(DecoderDeepSupervision, PlansNetwork, nn.Module):
     """LeFeD (Zeng, Xie, Lu et al., "Discrepancy Matters", IEEE TMI 2025) on nnU-Net's plain U-Net.
 
     The paper's idea on the plans' backbone (the official code is a V-Net, :class:`LeFeDVNet`):
@@ -387,13 +388,9 @@ class LeFeDUNet(PlansNetwork, nn.Module):
         from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
         from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
         super().__init__()
-        if isinstance(n_conv_per_stage, int):
-            n_conv_per_stage = [n_conv_per_stage] * n_stages
+        # PlainConvEncoder / UNetDecoder expand and check the conv counts; decoder 2 takes UNetDecoder's list
         if isinstance(n_conv_per_stage_decoder, int):
             n_conv_per_stage_decoder = [n_conv_per_stage_decoder] * (n_stages - 1)
-        if len(n_conv_per_stage) != n_stages or len(n_conv_per_stage_decoder) != n_stages - 1:
-            raise ValueError(f"n_conv_per_stage needs {n_stages} entries and n_conv_per_stage_decoder "
-                             f"{n_stages - 1}, got {list(n_conv_per_stage)} and {list(n_conv_per_stage_decoder)}")
         self.inference = (not deep_supervision) if inference is None else bool(inference)
         self.encoder = PlainConvEncoder(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
                                         n_conv_per_stage, conv_bias, norm_op, norm_op_kwargs, dropout_op,
@@ -464,14 +461,6 @@ class LeFeDUNet(PlansNetwork, nn.Module):
         from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
         InitWeights_He(1e-2)(module)   # as PlainConvUNet
-
-    @property
-    def deep_supervision(self) -> bool:
-        return self.decoder.deep_supervision
-
-    @deep_supervision.setter
-    def deep_supervision(self, enabled: bool) -> None:
-        self.decoder.deep_supervision = bool(enabled)
 
     def encode(self, x: torch.Tensor, feedback: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
         """Encoder stage outputs (full resolution .. bottleneck); ``feedback`` (deepest first) is added to the

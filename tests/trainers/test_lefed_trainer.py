@@ -11,17 +11,10 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunet_plugins.architectures.lefed import LeFeDOutput, LeFeDUNet, discrepancy_feedback
 from nnunet_plugins.semi.dataloading import UNLABELED_TARGET
 from nnunet_plugins.trainers.lefed import LeFeDTrainer, paper_ds_weights
-from test_banet_trainer import make_plans
+from test_banet_trainer import make_plans, results  # noqa: F401 (the fixture)
 
 LABELS = {"background": 0, "a": 1, "b": 2}
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": 4, "file_ending": ".nii.gz"}
-
-
-@pytest.fixture
-def results(tmp_path, monkeypatch):
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
-    return tmp_path
 
 
 def make_trainer(cls=LeFeDTrainer, **attributes):
