@@ -96,6 +96,19 @@ register(Method(
 ))
 
 register(Method(
+    name="LeFeD",
+    paper="Zeng, Xie, Lu et al. Discrepancy Matters: Learning from Inconsistent Decoder Features for Consistent "
+          "Semi-supervised Medical Image Segmentation. IEEE TMI 2025",
+    summary="semi-supervised (imagesUn, `nnunet-plugins semi split/preprocess`): shared encoder + two different "
+            "decoders (transposed conv / interpolation + conv, the second gated by the first); their feature "
+            "discrepancy is fed back into the encoder over K=3 forward/backward passes per batch; inference = "
+            "encoder + decoder 1 (the plans' U-Net; the official V-Net is LeFeDVNet)",
+    trainers=("nnunet_plugins.trainers.lefed.LeFeDTrainer",),
+    networks=("nnunet_plugins.architectures.lefed.LeFeDUNet",),
+    dimensions=("2d", "3d"),
+))
+
+register(Method(
     name="VerSemi",
     paper="Zeng, Xie, Lu et al. Segment Together: A Versatile Paradigm for Semi-Supervised Medical Image "
           "Segmentation. IEEE TMI 2025",

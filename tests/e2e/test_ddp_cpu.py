@@ -1,5 +1,7 @@
 """nnU-Net's own DDP training (``run_ddp``, what ``nnUNetv2_train -num_gpus 2`` runs) on CPU with gloo, for every
-plugin trainer of the registry: 2 processes, 2 iterations each, tiny networks (``nnunet_plugins.ddp_cpu``).
+plugin trainer of the registry: 2 processes, 2 iterations each, tiny networks (``nnunet_plugins.ddp_cpu``);
+semi-supervised trainers (LeFeD: 3 forward/backward passes and optimiser steps per iteration) take their
+unlabeled data from the harness dataset's ``splits_semi.json``.
 
 Checked: both ranks run DDP on CPU with half the plans' batch; they end with identical weights (hash of the whole
 state dict, buffers included) equal to the checkpoint; only rank 0 writes checkpoints; multi-task batches hold one
@@ -45,6 +47,15 @@ def ddp(tmp_path_factory):
             "env": env, "pre": pre}
 
 
+def _rank_batch(trainer):
+    """nnU-Net splits the plans' batch (2) over the ranks; semi-supervised trainers draw L + U per rank."""
+    import nnunet_plugins.trainers as trainers
+    from nnunet_plugins.trainers.semi import SemiSupervisedTrainer
+
+    cls = getattr(trainers, trainer)
+    return cls.labeled_batch_size + cls.unlabeled_batch_size if issubclass(cls, SemiSupervisedTrainer) else 1
+
+
 def _checkpoint(report):
     return torch.load(os.path.join(report["output_folder"], "checkpoint_final.pth"), map_location="cpu",
                       weights_only=False)
@@ -52,11 +63,11 @@ def _checkpoint(report):
 
 def test_every_trainer_trains_under_ddp_with_identical_weights(ddp):
     assert set(ddp["reports"]) >= {"CoTrTrainer", "BANetTrainer", "UniSegTrainer", "DoDNetTrainer",
-                                   "TransDoDNetTrainer"}
+                                   "TransDoDNetTrainer", "LeFeDTrainer"}
     for trainer, (rank0, rank1) in ddp["reports"].items():
         for rank, report in enumerate((rank0, rank1)):
             assert report["rank"] == rank and report["is_ddp"] and report["device"] == "cpu", (trainer, report)
-            assert report["batch_size"] == 1, f"{trainer}: the plans' batch of 2 is split over 2 ranks"
+            assert report["batch_size"] == _rank_batch(trainer), f"{trainer}: the plans' batch of 2 is split over 2 ranks"
             assert len(report["steps"]) == 2 and report["current_epoch"] == 1, (trainer, report)
         assert rank0["state_hash"] == rank1["state_hash"], f"{trainer}: ranks diverged"
     # equal weights must come from DDP's gradient averaging, not from equal data: the ranks draw their own batches
