@@ -95,6 +95,37 @@ register(Method(
     dimensions=("2d", "3d"),
 ))
 
+register(Method(
+    name="LeFeD",
+    paper="Zeng, Xie, Lu et al. Discrepancy Matters: Learning from Inconsistent Decoder Features for Consistent "
+          "Semi-supervised Medical Image Segmentation. IEEE TMI 2025",
+    summary="semi-supervised (imagesUn, `nnunet-plugins semi split/preprocess`): shared encoder + two different "
+            "decoders (transposed conv / interpolation + conv, the second gated by the first); their feature "
+            "discrepancy is fed back into the encoder over K=3 forward/backward passes per batch; inference = "
+            "encoder + decoder 1 (the plans' U-Net; the official V-Net is LeFeDVNet)",
+    trainers=("nnunet_plugins.trainers.lefed.LeFeDTrainer",),
+    networks=("nnunet_plugins.architectures.lefed.LeFeDUNet",),
+    dimensions=("2d", "3d"),
+))
+
+register(Method(
+    name="VerSemi",
+    paper="Zeng, Xie, Lu et al. Segment Together: A Versatile Paradigm for Semi-Supervised Medical Image "
+          "Segmentation. IEEE TMI 2025",
+    summary="semi-supervised AND multi-task: the plans' U-Net + a controller (GAP(bottleneck) ++ one-hot task) "
+            "generating a dynamic head, T dataset tasks + a synthetic CutMix task segmenting the union of "
+            "foregrounds; stage 1 labeled, stage 2 unlabeled-labeled mixes and consistency with max over task "
+            "prompts (combine sources with imagesUn via `nnunet-plugins combine`, `semi preprocess`, "
+            "`semi split --per-task`; predict with `nnunet-plugins predict-multitask`). VerSemiVNet: the official "
+            "V-Net variant (9,484,144 parameters)",
+    trainers=("nnunet_plugins.trainers.versemi.VerSemiTrainer",
+              "nnunet_plugins.trainers.versemi.VerSemiTrainer_stage1only"),
+    networks=("nnunet_plugins.architectures.versemi.VerSemiUNet",),
+    dimensions=("2d", "3d"),
+    # the paper's V-Net (not built from nnU-Net plans; the trainers train VerSemiUNet)
+    extras={"official_network": "nnunet_plugins.architectures.versemi.VerSemiVNet"},
+))
+
 
 def resolve(dotted: str):
     """Import ``package.module.Name`` and return ``Name``."""

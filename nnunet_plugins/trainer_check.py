@@ -4,9 +4,11 @@ Shared by ``nnunet_plugins.device_check`` (the prepared GPU-node check), ``nnune
 CPU) and ``benchmarks/run_all.py``. Everything goes through nnU-Net's public machinery, never a trainer's
 internals, so any trainer listed in the registry (and any added later) runs here:
 
-* data: ONE synthetic dataset for all trainers: two synthetic sources (2 structures + 1 structure) merged by
-  ``nnunet_plugins.multitask.combine`` (the multi-task trainers need its task tables; the single-task trainers
-  and nnU-Net's default trainer see an ordinary 4-label nnU-Net dataset), then ``nnUNetv2_plan_and_preprocess``;
+* data: ONE synthetic dataset for all trainers: two synthetic sources (2 structures + 1 structure, one unlabeled
+  image each) merged by ``nnunet_plugins.multitask.combine`` (the multi-task trainers need its task tables; the
+  single-task trainers and nnU-Net's default trainer see an ordinary 4-label nnU-Net dataset), then
+  ``nnUNetv2_plan_and_preprocess``, ``semi preprocess`` of the unlabeled images and a labeled-fraction split
+  (``splits_semi.json``, half the labels): the unlabeled data of semi-supervised trainers;
 * plans: per trainer a copy of nnU-Net's plans with the patch, the batch size and the architecture entry of
   ``CASES`` (``size="official"``: the methods' published patch and widths; ``size="tiny"``: CPU-test sizes,
   narrowed networks through the plans' ``arch_kwargs`` as a user narrows them); the baseline is nnU-Net's
@@ -135,24 +137,46 @@ def prepare_dataset(env: dict, shape=(16, 40, 40), cases_per_source: int = 3, lo
     """
     from nnunet_plugins.multitask.combine import combine_datasets
     from nnunet_plugins.runner import console_command, run_step
+    from nnunet_plugins.semi.preprocess import preprocess_unlabeled, unlabeled_preprocessed_folder
     from nnunet_plugins.synthetic import generate_dataset
 
     pre = os.path.join(env["nnUNet_preprocessed"], DATASET_NAME)
+    unlabeled = unlabeled_preprocessed_folder(pre, "nnUNetPlans_" + CONFIGURATION)
     if os.path.isfile(os.path.join(pre, "nnUNetPlans.json")) and \
-            os.path.isdir(os.path.join(pre, "nnUNetPlans_" + CONFIGURATION)):
+            os.path.isdir(os.path.join(pre, "nnUNetPlans_" + CONFIGURATION)) and os.path.isdir(unlabeled):
+        ensure_semi_split(pre)
         return pre
     raw = env["nnUNet_raw"]
+    # one unlabeled image per source (imagesUn, carried into the combined dataset): semi-supervised trainers
     generate_dataset(raw, dataset_id=991, name="CheckA", num_cases=cases_per_source, num_test=1, shape=tuple(shape),
-                     num_structures=2, num_channels=1, seed=1)
+                     num_structures=2, num_channels=1, seed=1, num_unlabeled=1, overwrite=True)
     generate_dataset(raw, dataset_id=992, name="CheckB", num_cases=cases_per_source, num_test=1, shape=tuple(shape),
-                     num_structures=1, num_channels=1, seed=2)
-    combine_datasets([991, 992], DATASET_ID, DATASET_NAME.split("_", 1)[1], raw_root=raw, verbose=False)
+                     num_structures=1, num_channels=1, seed=2, num_unlabeled=1, overwrite=True)
+    combine_datasets([991, 992], DATASET_ID, DATASET_NAME.split("_", 1)[1], raw_root=raw, verbose=False,
+                     overwrite=True)
     # nnU-Net 2.8.1's planner crashes with nnUNet_n_proc_DA=0 (torch.set_num_threads(0)): unset for planning
     plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
     log_file = log_file or os.path.join(os.path.dirname(env["nnUNet_raw"]), "prepare_log.txt")
     run_step(console_command("nnUNetv2_plan_and_preprocess") + ["-d", str(DATASET_ID), "-c", CONFIGURATION,
                                                                 "-np", "2"], plan_env, log_file, echo=False)
+    preprocess_unlabeled(DATASET_ID, configurations=[CONFIGURATION], raw_root=raw,
+                         preprocessed_root=env["nnUNet_preprocessed"], progress=False)
+    ensure_semi_split(pre)
     return pre
+
+
+def ensure_semi_split(pre: str) -> None:
+    """The labeled-fraction split (half of each fold's training cases keep their labels) that semi-supervised
+    trainers need for unlabeled data (``splits_semi.json``; the other trainers never read it)."""
+    from nnunet_plugins.semi.split import SEMI_SPLITS_FILE, SPLITS_FILE, default_splits, write_semi_split
+
+    if os.path.isfile(os.path.join(pre, SEMI_SPLITS_FILE)):
+        return
+    if not os.path.isfile(os.path.join(pre, SPLITS_FILE)):   # nnU-Net's own split of the preprocessed cases
+        cases = sorted(f[:-4] for f in os.listdir(os.path.join(pre, "nnUNetPlans_" + CONFIGURATION))
+                       if f.endswith(".pkl"))
+        write_json(default_splits(cases), os.path.join(pre, SPLITS_FILE))
+    write_semi_split(pre, "50%")
 
 
 # ---- plans ---------------------------------------------------------------------------------------------------

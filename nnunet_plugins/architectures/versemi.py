@@ -27,6 +27,7 @@ from typing import List, Tuple, Type, Union
 
 import numpy as np
 import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
@@ -39,6 +40,9 @@ from nnunet_plugins.architectures.blocks.dynamic_head import (
     TaskConditionedNetwork, TaskController, apply_dynamic_head, dynamic_head_layer_sizes, num_dynamic_params,
 )
 from nnunet_plugins.architectures.blocks.vnet import VNetEncoder, vnet_conv_stage
+from nnunet_plugins.architectures.contract import (
+    DecoderDeepSupervision, PlansNetwork, network_name, resolve_arch_kwargs, total_stride,
+)
 
 __all__ = ["VerSemiVNet", "VerSemiUNet"]
 
@@ -177,7 +181,13 @@ class VerSemiVNet(_TaskHeadMixin, TaskConditionedNetwork):
         return [logits] if self.deep_supervision else logits
 
 
-class VerSemiUNet(_TaskHeadMixin, TaskConditionedNetwork):
+#: PlainConvUNet arguments that VerSemiUNet takes from nnU-Net's stock plans
+_UNET_KWARGS = ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "n_conv_per_stage",
+                "n_conv_per_stage_decoder", "conv_bias", "norm_op", "norm_op_kwargs", "dropout_op", "dropout_op_kwargs",
+                "nonlin", "nonlin_kwargs", "nonlin_first")
+
+
+class VerSemiUNet(PlansNetwork, DecoderDeepSupervision, _TaskHeadMixin, TaskConditionedNetwork):
     """VerSemi on the plans' U-Net: ``PlainConvEncoder`` + ``UNetDecoder`` + controller + dynamic head.
 
     The constructor takes ``PlainConvUNet``'s arguments (so nnU-Net plans build it) plus the
@@ -199,7 +209,13 @@ class VerSemiUNet(_TaskHeadMixin, TaskConditionedNetwork):
     ``(B,)`` / int in ``0..T`` -> ``(B, num_classes, *patch)`` or the deep-supervision list.
     Parameters: ``PlainConvUNet``'s with ``num_classes = head_channels``, plus
     ``(features_per_stage[-1] + T + 1) * P + P`` for the controller (P = 162 at the defaults).
+
+    Plans (:class:`~nnunet_plugins.architectures.contract.PlansNetwork`): built from nnU-Net's stock
+    ``PlainConvUNet`` entry (its U-Net arguments) or from plans naming this class (their ``arch_kwargs``);
+    ``num_tasks`` comes from the trainer (the dataset's task tables), never from the plans.
     """
+
+    context_kwargs = PlansNetwork.context_kwargs + ("num_tasks",)
 
     def __init__(self, input_channels: int, n_stages: int, features_per_stage: Union[int, List[int], Tuple[int, ...]],
                  conv_op: Type[_ConvNd], kernel_sizes: Union[int, List[int], Tuple[int, ...]],
@@ -250,3 +266,21 @@ class VerSemiUNet(_TaskHeadMixin, TaskConditionedNetwork):
     @staticmethod
     def initialize(module):
         InitWeights_He(1e-2)(module)
+
+    # ---- nnU-Net contract ---------------------------------------------------------------------------
+    @classmethod
+    def kwargs_from_plans(cls, configuration_manager) -> dict:
+        """The plans' U-Net (nnU-Net's ``PlainConvUNet`` entry) or the ``arch_kwargs`` of plans naming this class."""
+        name = configuration_manager.network_arch_class_name
+        if name == cls.network_name():
+            return cls.arch_kwargs_from_plans(configuration_manager)
+        if name == network_name(PlainConvUNet):
+            return {k: v for k, v in resolve_arch_kwargs(configuration_manager).items() if k in _UNET_KWARGS}
+        raise ValueError(f"VerSemiUNet builds on nnU-Net's plain U-Net ({network_name(PlainConvUNet)}), but the plans "
+                         f"name {name}; use plans from nnU-Net's default planner (nnUNetPlans)")
+
+    @classmethod
+    def divisor_for(cls, kwargs: dict, dim: int) -> tuple[int, ...]:
+        if "strides" not in kwargs:
+            raise ValueError("VerSemiUNet has no default topology: its strides come from the plans")
+        return total_stride(kwargs["strides"], dim)

@@ -34,6 +34,9 @@ def add_parser(subparsers) -> None:
     sp.add_argument("--labeled", required=True, help="labeled training cases per fold: a number (8) or a percentage "
                                                      "(10%%)")
     sp.add_argument("--seed", type=int, default=12345, help="seed of the labeled subset (default 12345)")
+    sp.add_argument("--per-task", action="store_true",
+                    help="combined multi-task dataset: the number / percentage applies within each task's training "
+                         "cases of a fold (every source keeps its own labeled fraction)")
     sp.set_defaults(func=run_split)
 
 
@@ -71,7 +74,8 @@ def run_split(args) -> int:
     from nnunet_plugins.semi.split import write_semi_split
 
     raw_folder, pre_folder = _folders(args.dataset)
-    path = write_semi_split(pre_folder, args.labeled, args.seed, raw_dataset_folder=raw_folder)
+    path = write_semi_split(pre_folder, args.labeled, args.seed, raw_dataset_folder=raw_folder,
+                            per_task=args.per_task)
     with open(path) as f:
         content = json.load(f)
     for k, fold in enumerate(content["splits"]):

@@ -17,7 +17,11 @@ The result is a normal nnU-Net raw dataset that ``nnUNetv2_plan_and_preprocess``
   preprocessing resamples every case to it; pass ``-overwrite_target_spacing`` to
   ``nnUNetv2_plan_and_preprocess`` to fix it instead. Predictions are exported in each case's original
   geometry by nnU-Net as usual.
-* test images (``imagesTs``, and ``labelsTs`` if a source has them) are converted the same way.
+* test images (``imagesTs``, and ``labelsTs`` if a source has them) are converted the same way;
+* unlabeled images (``imagesUn``, see ``nnunet_plugins.semi``) are converted the same way into the combined
+  ``imagesUn`` (``<tag>_<case>``, so a semi-supervised multi-task trainer knows each one's source); after
+  ``nnUNetv2_plan_and_preprocess``, ``nnunet-plugins semi preprocess`` preprocesses them, and
+  ``nnunet-plugins semi split --per-task`` draws a labeled fraction within each source.
 
 The dataset is built in a temporary folder next to the target and renamed into place, so an
 interrupted run leaves nothing nnU-Net would accept; a rerun with the same sources and tags is a
@@ -61,6 +65,7 @@ class Source:
     tag: str
     training: list
     test: list
+    unlabeled: list = ()
 
     @property
     def name(self) -> str:
@@ -140,7 +145,12 @@ def load_source(folder: str, tag: str | None) -> Source:
         for case, images in list_cases(ts, ending, num_channels, f"{name}/imagesTs").items():
             label = os.path.join(folder, "labelsTs", case + ending)
             test.append(SourceCase(case, images, label if os.path.isfile(label) else None))
-    return Source(folder, dj, tag, training, test)
+    unlabeled = []
+    un = os.path.join(folder, "imagesUn")
+    if os.path.isdir(un):
+        unlabeled = [SourceCase(case, images, None) for case, images in
+                     list_cases(un, ending, num_channels, f"{name}/imagesUn").items()]
+    return Source(folder, dj, tag, training, test, unlabeled)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -253,7 +263,7 @@ def _fingerprint(sources: list) -> str:
     for s in sources:
         h.update(s.tag.encode())
         h.update(json.dumps(s.dataset_json, sort_keys=True).encode())
-        for c in s.training + s.test:
+        for c in list(s.training) + list(s.test) + list(s.unlabeled):
             h.update(c.case.encode())
             for p in c.images + ([c.label] if c.label else []):
                 st = os.stat(p)
@@ -345,7 +355,7 @@ def combine_datasets(sources: list, dataset_id: int, name: str = "Universal", *,
 
     # pass 2: convert into a temporary folder, then rename into place
     with atomic_directory(raw_root, folder_name) as tmp:
-        dirs = {k: os.path.join(tmp, k) for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
+        dirs = {k: os.path.join(tmp, k) for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "imagesUn")}
         for d in dirs.values():
             os.makedirs(d)
         jobs = []
@@ -358,10 +368,13 @@ def combine_datasets(sources: list, dataset_id: int, name: str = "Universal", *,
                 out = combined_case_name(s.tag, c.case)
                 jobs.append((task, c.images, c.label, spec.num_input_channels, out, dirs["imagesTs"],
                              dirs["labelsTs"], f"{s.name} test case {c.case}"))
+            for c in s.unlabeled:
+                jobs.append((task, c.images, None, spec.num_input_channels, combined_case_name(s.tag, c.case),
+                             dirs["imagesUn"], None, f"{s.name} unlabeled case {c.case}"))
         if verbose:
             print(f"writing {len(jobs)} cases")
         _map(_convert_job, jobs, num_processes, f"writing {folder_name}", verbose)
-        for sub in ("labelsTs", "imagesTs"):
+        for sub in ("labelsTs", "imagesTs", "imagesUn"):
             if not os.listdir(dirs[sub]):
                 os.rmdir(dirs[sub])
         dataset_json = {

@@ -48,6 +48,12 @@ class TaskLabelMapper:
         lut = self._lut("_c2l", target.device)[task]
         return lut[target.long().clamp_min(0)]
 
+    def to_local_per_sample(self, target: torch.Tensor, task_id: torch.Tensor) -> torch.Tensor:
+        """``to_local`` with one task per sample: ``target`` (B, ...), ``task_id`` LongTensor (B,)."""
+        lut = self._lut("_c2l", target.device)
+        tasks = task_id.to(target.device).long().view(-1, *([1] * (target.dim() - 1)))
+        return lut[tasks, target.long().clamp_min(0)]
+
     def to_combined(self, local: torch.Tensor, task: int) -> torch.Tensor:
         return self._lut("_l2c", local.device)[task][local.long()]
 

@@ -102,11 +102,18 @@ def _unlabeled_loader(dataset, batch_size, patch_size, final_patch_size, label_m
 
 
 class SemiBatchIterator:
-    """Joins a labeled and an unlabeled nnU-Net augmenter into L + U batches (see the module docstring)."""
+    """Joins a labeled and an unlabeled nnU-Net augmenter into L + U batches (see the module docstring).
+
+    Other tensor entries of the labeled batch (e.g. a multi-task loader's ``task_id``) are joined with the
+    unlabeled batch's entry of that name, or with -1 (unknown) where the unlabeled loader has none.
+    ``draw_unlabeled = False`` (a trainer's labeled-only phase) returns labeled batches without drawing
+    unlabeled ones.
+    """
 
     def __init__(self, labeled, unlabeled=None):
         self.labeled = labeled
         self.unlabeled = unlabeled
+        self.draw_unlabeled = True
 
     def __iter__(self):
         return self
@@ -114,7 +121,7 @@ class SemiBatchIterator:
     def __next__(self) -> dict:
         lab = next(self.labeled)
         n_lab = lab["data"].shape[0]
-        if self.unlabeled is None:
+        if self.unlabeled is None or not self.draw_unlabeled:
             lab["labeled"] = torch.ones(n_lab, dtype=torch.bool)
             lab["keys"] = list(lab["keys"])
             return lab
@@ -128,9 +135,16 @@ class SemiBatchIterator:
 
         target = [join(a, b) for a, b in zip(lab["target"], un["target"])] if isinstance(lab["target"], list) \
             else join(lab["target"], un["target"])
-        return {"data": torch.cat([lab["data"], un["data"]]), "target": target,
-                "keys": list(lab["keys"]) + list(un["keys"]),
-                "labeled": torch.cat([torch.ones(n_lab, dtype=torch.bool), torch.zeros(n_un, dtype=torch.bool)])}
+        joined = {"data": torch.cat([lab["data"], un["data"]]), "target": target,
+                  "keys": list(lab["keys"]) + list(un["keys"]),
+                  "labeled": torch.cat([torch.ones(n_lab, dtype=torch.bool), torch.zeros(n_un, dtype=torch.bool)])}
+        for key, value in lab.items():
+            if key not in joined and torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == n_lab:
+                other = un.get(key)
+                if not (torch.is_tensor(other) and other.shape[1:] == value.shape[1:] and other.shape[0] == n_un):
+                    other = torch.full((n_un, *value.shape[1:]), -1, dtype=value.dtype)
+                joined[key] = torch.cat([value, other.to(value.dtype)])
+        return joined
 
     next = __next__
 
@@ -178,10 +192,14 @@ def semi_datasets(trainer, tr_keys: Sequence[str]):
 
 
 def get_semi_dataloaders(trainer, labeled_batch_size: int = DEFAULT_LABELED_BATCH,
-                         unlabeled_batch_size: int = DEFAULT_UNLABELED_BATCH, require_unlabeled: bool = True):
+                         unlabeled_batch_size: int = DEFAULT_UNLABELED_BATCH, require_unlabeled: bool = True,
+                         labeled_loader=None):
     """(train iterator of L + U batches, validation iterator) for an ``nnUNetTrainer`` (see module docstring).
 
-    Reads everything from the trainer as ``nnUNetTrainer.get_dataloaders`` does. Also sets
+    Reads everything from the trainer as ``nnUNetTrainer.get_dataloaders`` does. ``labeled_loader``
+    (optional) builds the labeled training and the validation loader in place of ``nnUNetDataLoader``:
+    ``labeled_loader(dataset, batch_size, patch_size, final_patch_size, transforms, train)``, e.g. a
+    multi-task trainer's task-balanced loader (its extra batch entries such as ``task_id`` are kept). Also sets
     ``trainer.semi_data`` = {"labeled", "unlabeled_training_cases", "unlabeled_images", "parameters",
     "source"} for :func:`nnunet_plugins.semi.split.record_semi_split`.
     """
@@ -213,16 +231,17 @@ def get_semi_dataloaders(trainer, labeled_batch_size: int = DEFAULT_LABELED_BATC
                          "parameters": entry["parameters"] if entry else None,
                          "source": entry["file"] if entry else None}
 
-    dl_lab = nnUNetDataLoader(dataset_lab, labeled_batch_size, initial_patch_size, patch_size, lm,
-                              oversample_foreground_percent=trainer.oversample_foreground_percent,
-                              sampling_probabilities=None, pad_sides=None, transforms=transforms.train,
-                              probabilistic_oversampling=trainer.probabilistic_oversampling)
+    if labeled_loader is None:
+        def labeled_loader(dataset, batch_size, patch, final_patch, transforms_, train):
+            return nnUNetDataLoader(dataset, batch_size, patch, final_patch, lm,
+                                    oversample_foreground_percent=trainer.oversample_foreground_percent,
+                                    sampling_probabilities=None, pad_sides=None, transforms=transforms_,
+                                    probabilistic_oversampling=trainer.probabilistic_oversampling)
+    dl_lab = labeled_loader(dataset_lab, labeled_batch_size, initial_patch_size, patch_size, transforms.train, True)
     dl_un = _unlabeled_loader(dataset_un, unlabeled_batch_size, initial_patch_size, patch_size, lm, transforms.train) \
         if unlabeled_batch_size > 0 else None
-    dl_val = nnUNetDataLoader(dataset_val, labeled_batch_size + unlabeled_batch_size, patch_size, patch_size, lm,
-                              oversample_foreground_percent=trainer.oversample_foreground_percent,
-                              sampling_probabilities=None, pad_sides=None, transforms=transforms.val,
-                              probabilistic_oversampling=trainer.probabilistic_oversampling)
+    dl_val = labeled_loader(dataset_val, labeled_batch_size + unlabeled_batch_size, patch_size, patch_size,
+                            transforms.val, False)
 
     n = get_allowed_n_proc_DA()
     pin = trainer.device.type == "cuda"

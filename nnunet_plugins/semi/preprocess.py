@@ -172,7 +172,7 @@ def preprocess_unlabeled(dataset: str | int, plans_identifier: str = "nnUNetPlan
                          configuration=configuration, dataset_json_file=dataset_json_file))
                 for c, files in sorted(cases.items()) if c not in done]
         if todo:
-            run_parallel("nnunet_plugins.semi.preprocess:preprocess_unlabeled_case", todo, num_processes,
+            run_parallel(preprocess_unlabeled_case, todo, num_processes,
                          desc=f"unlabeled {configuration}", progress=progress)
         report[configuration] = {"folder": out, "done": [c for c, _ in todo], "skipped": sorted(done & set(cases))}
     return report

@@ -14,6 +14,10 @@ seed 12345, over the sorted training cases), the file ``splits_semi.json``::
 ``numpy.random.default_rng([seed, k])`` from the fold's sorted training cases, so the file is reproducible
 from its parameters. ``P%`` means ``round(P / 100 * n_train)`` cases (at least 1).
 A trainer records the fold it trains on into its output folder with :func:`record_semi_split`.
+
+Per task (``--per-task``, combined multi-task datasets, ``dataset.json["multitask"]``): the count or
+percentage applies within each task's training cases of the fold (drawn by ``default_rng([seed, k, t])``
+from the task's sorted cases), so every source keeps its own labeled fraction.
 """
 from __future__ import annotations
 
@@ -56,17 +60,30 @@ def num_labeled(labeled: str | int, n_train: int, fold: int = 0) -> int:
     return n
 
 
-def semi_splits(splits: Sequence[dict], labeled: str | int, seed: int = DEFAULT_SEED) -> List[dict]:
-    """The labeled/unlabeled partition of every fold of ``splits`` (nnU-Net's splits_final.json content)."""
+def _draw(cases: List[str], labeled: str | int, rng_seed: list, fold: int) -> set:
+    n = num_labeled(labeled, len(cases), fold)
+    return {cases[int(i)] for i in np.random.default_rng(rng_seed).choice(len(cases), n, replace=False)}
+
+
+def semi_splits(splits: Sequence[dict], labeled: str | int, seed: int = DEFAULT_SEED,
+                task_of_case=None) -> List[dict]:
+    """The labeled/unlabeled partition of every fold of ``splits`` (nnU-Net's splits_final.json content).
+
+    ``task_of_case`` (a function case -> task id): draw the labeled cases within each task (module docstring).
+    """
     out = []
     for k, fold in enumerate(splits):
         train = sorted(str(c) for c in fold["train"])
-        n = num_labeled(labeled, len(train), k)
-        pick = np.random.default_rng([int(seed), k]).choice(len(train), n, replace=False)
-        chosen = set(int(i) for i in pick)
+        if task_of_case is None:
+            chosen = _draw(train, labeled, [int(seed), k], k)
+        else:
+            tasks = sorted({task_of_case(c) for c in train})
+            chosen = set()
+            for t in tasks:
+                chosen |= _draw([c for c in train if task_of_case(c) == t], labeled, [int(seed), k, int(t)], k)
         out.append({"train": list(fold["train"]), "val": list(fold["val"]),
-                    "labeled": [c for i, c in enumerate(train) if i in chosen],
-                    "unlabeled": [c for i, c in enumerate(train) if i not in chosen]})
+                    "labeled": [c for c in train if c in chosen],
+                    "unlabeled": [c for c in train if c not in chosen]})
     return out
 
 
@@ -88,9 +105,10 @@ def training_identifiers(raw_dataset_folder: str) -> List[str]:
 
 
 def write_semi_split(preprocessed_dataset_folder: str, labeled: str | int, seed: int = DEFAULT_SEED,
-                     raw_dataset_folder: Optional[str] = None) -> str:
+                     raw_dataset_folder: Optional[str] = None, per_task: bool = False) -> str:
     """Write ``splits_semi.json`` next to ``splits_final.json`` (creating nnU-Net's default split first if
-    there is none, from the raw dataset's training cases). Returns its path."""
+    there is none, from the raw dataset's training cases). ``per_task``: the labeled fraction within each task
+    of a combined dataset (its ``dataset.json`` task tables). Returns its path."""
     splits_file = os.path.join(preprocessed_dataset_folder, SPLITS_FILE)
     if os.path.isfile(splits_file):
         with open(splits_file) as f:
@@ -104,9 +122,25 @@ def write_semi_split(preprocessed_dataset_folder: str, labeled: str | int, seed:
     if not isinstance(splits, list) or not all(isinstance(s, dict) and "train" in s and "val" in s for s in splits):
         raise ValueError(f"{splits_file}: expected a list of {{'train': [...], 'val': [...]}} folds")
     kind, value = parse_labeled(labeled)
-    result = {"parameters": {"labeled": f"{value:g}%" if kind == "percent" else str(value), "seed": int(seed),
-                             "splits_file": SPLITS_FILE},
-              "splits": semi_splits(splits, labeled, seed)}
+    task_of_case = None
+    if per_task:
+        from nnunet_plugins.multitask.metadata import METADATA_KEY, MultiTaskSpec
+
+        folder = next((f for f in (preprocessed_dataset_folder, raw_dataset_folder)
+                       if f and os.path.isfile(os.path.join(f, "dataset.json"))), None)
+        if folder is None:
+            raise FileNotFoundError(f"--per-task needs the dataset.json of {preprocessed_dataset_folder}")
+        with open(os.path.join(folder, "dataset.json")) as f:
+            dataset_json = json.load(f)
+        if METADATA_KEY not in dataset_json:
+            raise ValueError(f"{os.path.join(folder, 'dataset.json')} has no '{METADATA_KEY}' task tables: --per-task "
+                             f"needs a combined dataset (nnunet-plugins combine)")
+        task_of_case = MultiTaskSpec.from_dataset_json(dataset_json).task_of_case
+    parameters = {"labeled": f"{value:g}%" if kind == "percent" else str(value), "seed": int(seed),
+                  "splits_file": SPLITS_FILE}
+    if per_task:
+        parameters["per_task"] = True
+    result = {"parameters": parameters, "splits": semi_splits(splits, labeled, seed, task_of_case)}
     path = os.path.join(preprocessed_dataset_folder, SEMI_SPLITS_FILE)
     write_json(result, path)
     return path

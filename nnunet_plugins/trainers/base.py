@@ -41,8 +41,10 @@ clipping at ``grad_clip_norm`` (nnU-Net: 12), the online pseudo Dice. A method o
     ``tp_hard`` / ``fp_hard`` / ``fn_hard`` for the pseudo Dice (default nnU-Net's).
 
 ``optimizer_step(loss)`` (backward through the grad scaler, unscale, clip, step) is the one optimiser
-step; trainers that take several forward/backward passes per iteration (semi-supervised methods) call
-``zero_grad`` / ``optimizer_step`` once per pass.
+step. Several forward/backward passes per iteration (semi-supervised methods such as LeFeD):
+``passes_per_iteration`` = K makes ``train_step`` run zero_grad / forward / compute_loss / optimizer_step
+K times on the batch; the hook ``next_pass(batch, output) -> batch`` prepares the next pass (e.g. adds
+feedback computed from this pass's output); the logged values are the passes' means.
 
 The constructor signature is nnU-Net's own; nnU-Net re-creates trainers from it (checkpoints, DDP).
 """
@@ -109,6 +111,9 @@ class PluginTrainer(nnUNetTrainer):
     network_class: type | None = None
     #: gradient-norm clipping of the optimiser step (nnU-Net: 12)
     grad_clip_norm: float = 12.0
+    #: forward/backward passes per training iteration, each with its own optimiser step (semi-supervised
+    #: methods such as LeFeD take several; ``next_pass`` carries state from one pass to the next)
+    passes_per_iteration: int = 1
     ddp_find_unused_parameters = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -226,14 +231,27 @@ class PluginTrainer(nnUNetTrainer):
             tp, fp, fn = tp[1:], fp[1:], fn[1:]
         return {"tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
 
+    def next_pass(self, batch: dict, output) -> dict:
+        """Hook: the batch of the next pass of an iteration (``passes_per_iteration`` > 1), given this pass's
+        output; e.g. LeFeD puts its discrepancy feedback into it. Default: the same batch."""
+        return batch
+
     def train_step(self, batch: dict) -> dict:
         batch = self.batch_to_device(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            output = self.forward(batch)
-            loss, log = self.compute_loss(output, batch)
-        self.optimizer_step(loss)
-        return {"loss": _to_numpy(loss), **{k: _to_numpy(v) for k, v in log.items()}}
+        logs = []
+        for p in range(self.passes_per_iteration):
+            if p:
+                batch = self.next_pass(batch, output)
+            self.optimizer.zero_grad(set_to_none=True)
+            with self.autocast():
+                output = self.forward(batch)
+                loss, log = self.compute_loss(output, batch)
+            self.optimizer_step(loss)
+            logs.append({"loss": _to_numpy(loss), **{k: _to_numpy(v) for k, v in log.items()}})
+        if len(logs) == 1:
+            return logs[0]
+        # several passes: the iteration's values are the passes' means
+        return {k: sum(log[k] for log in logs) / len(logs) for k in logs[0]}
 
     def validation_step(self, batch: dict) -> dict:
         batch = self.batch_to_device(batch)

@@ -83,6 +83,8 @@ class MultiTaskTrainer(PluginTrainer):
     """See the module docstring (extension points)."""
 
     batches_per_task_per_round: int = 50
+    #: tasks in one training batch (consecutive groups, one sampler draw each; see training.sampling)
+    tasks_per_batch: int = 1
     # a batch holds one task: parts of a multi-task network for other tasks (UniSeg's stem for another
     # channel count, another task's head) may get no gradient in a step, which plain DDP rejects
     ddp_find_unused_parameters = True
@@ -162,13 +164,15 @@ class MultiTaskTrainer(PluginTrainer):
         return logits.argmax(1, keepdim=True)
 
     # ---- data --------------------------------------------------------------------------------------
-    def build_dataloader(self, dataset, patch_size, final_patch_size, transforms) -> MultiTaskDataLoader:
+    def build_dataloader(self, dataset, patch_size, final_patch_size, transforms, batch_size: int | None = None,
+                         tasks_per_batch: int = 1) -> MultiTaskDataLoader:
         case_tasks = {k: self.task_spec.task_of_case(k) for k in dataset.identifiers}
-        return MultiTaskDataLoader(dataset, self.batch_size, patch_size, final_patch_size, self.label_manager,
-                                   case_tasks, self.task_spec.num_tasks, self.batches_per_task_per_round,
+        return MultiTaskDataLoader(dataset, self.batch_size if batch_size is None else batch_size, patch_size,
+                                   final_patch_size, self.label_manager, case_tasks, self.task_spec.num_tasks,
+                                   self.batches_per_task_per_round,
                                    oversample_foreground_percent=self.oversample_foreground_percent,
                                    probabilistic_oversampling=self.probabilistic_oversampling,
-                                   transforms=transforms)
+                                   transforms=transforms, tasks_per_batch=tasks_per_batch)
 
     def get_dataloaders(self):
         # nnU-Net's get_dataloaders with the multi-task loader in place of nnUNetDataLoader
@@ -187,7 +191,8 @@ class MultiTaskTrainer(PluginTrainer):
                                                         foreground_labels=lm.foreground_labels, regions=None,
                                                         ignore_label=lm.ignore_label)
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-        dl_tr = self.build_dataloader(dataset_tr, initial_patch_size, patch_size, tr_transforms)
+        dl_tr = self.build_dataloader(dataset_tr, initial_patch_size, patch_size, tr_transforms,
+                                      tasks_per_batch=self.tasks_per_batch)
         dl_val = self.build_dataloader(dataset_val, patch_size, patch_size, val_transforms)
         counts = {self.task_spec.tags[t] or "task0": int(len(c)) for t, c in enumerate(dl_tr.sampler.cases_of_task)}
         self.print_to_log_file(f"multi-task training cases per task: {counts}; "

@@ -4,12 +4,15 @@
 ``adjust_learning_rate``): linear warm-up from ``start_factor`` x the learning rate, then poly 0.9 of
 the absolute step; stepped once per epoch like nnU-Net's poly schedule. :func:`warmup_epochs_for`
 scales the official 10 warm-up epochs down for shortened runs.
+
+:class:`IterationStepLRScheduler`: the step schedule of the MC-Net / LeFeD code bases (``lr x 0.1`` every
+2500 iterations), stepped once per epoch like nnU-Net's schedules.
 """
 from __future__ import annotations
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
-__all__ = ["OFFICIAL_WARMUP_EPOCHS", "OFFICIAL_WARMUP_START_FACTOR", "warmup_epochs_for", "WarmupPolyLRScheduler"]
+__all__ = ["IterationStepLRScheduler", "OFFICIAL_WARMUP_EPOCHS", "OFFICIAL_WARMUP_START_FACTOR", "warmup_epochs_for", "WarmupPolyLRScheduler"]
 
 OFFICIAL_WARMUP_EPOCHS = 10
 OFFICIAL_WARMUP_START_FACTOR = 0.01
@@ -48,3 +51,22 @@ class WarmupPolyLRScheduler(PolyLRScheduler):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+class IterationStepLRScheduler(PolyLRScheduler):
+    """``lr = initial_lr * gamma ** floor(iteration / decay_every)`` where ``iteration = epoch *
+    iterations_per_epoch`` (the iteration at the start of the epoch; nnU-Net steps its scheduler once per
+    epoch). LeFeD's official schedule: ``initial_lr=0.01, decay_every=2500, gamma=0.1``."""
+
+    def __init__(self, optimizer, initial_lr: float, max_steps: int, iterations_per_epoch: int,
+                 decay_every: int = 2500, gamma: float = 0.1, current_step: int | None = None):
+        if iterations_per_epoch < 1 or decay_every < 1:
+            raise ValueError(f"iterations_per_epoch and decay_every must be positive, got {iterations_per_epoch}, "
+                             f"{decay_every}")
+        self.iterations_per_epoch, self.decay_every, self.gamma = int(iterations_per_epoch), int(decay_every), gamma
+        super().__init__(optimizer, initial_lr, max_steps, 0.9, current_step)
+
+    def lr_at(self, step: int) -> float:
+        return self.initial_lr * self.gamma ** ((int(step) * self.iterations_per_epoch) // self.decay_every)
+
+    step = WarmupPolyLRScheduler.step

@@ -16,8 +16,13 @@ Randomness comes from numpy's global generator, the one nnU-Net's loader uses fo
 balanced round by round; no shared state or locks between processes are needed, unlike the official
 code.
 
-Every batch carries ``batch['task_id']``: a LongTensor (B,) with the task id of each sample (the same
-id for the whole batch under this sampler). It is added after nnU-Net's per-sample transforms, so the
+``tasks_per_batch`` > 1 (VerSemi, whose CutMix pairs the first half of a batch with the second half and
+needs the halves from different tasks, as the official loader shuffles all datasets together): the batch
+is split into that many consecutive groups of (nearly) equal size and each group is one draw of the
+schedule (one task, its cases), so with several tasks the groups mostly hold different tasks.
+
+Every batch carries ``batch['task_id']``: a LongTensor (B,) with the task id of each sample (one id per
+batch, or per group). It is added after nnU-Net's per-sample transforms, so the
 transforms never see (or drop) it.
 """
 from __future__ import annotations
@@ -82,7 +87,9 @@ class MultiTaskDataLoader(nnUNetDataLoader):
 
     def __init__(self, data, batch_size: int, patch_size, final_patch_size, label_manager, case_tasks: dict,
                  num_tasks: int, batches_per_task_per_round: int = 50, oversample_foreground_percent: float = 0.0,
-                 pad_sides=None, probabilistic_oversampling: bool = False, transforms=None):
+                 pad_sides=None, probabilistic_oversampling: bool = False, transforms=None, tasks_per_batch: int = 1):
+        if tasks_per_batch < 1:
+            raise ValueError(f"tasks_per_batch must be >= 1, got {tasks_per_batch}")
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
                          oversample_foreground_percent=oversample_foreground_percent, sampling_probabilities=None,
                          pad_sides=pad_sides, probabilistic_oversampling=probabilistic_oversampling,
@@ -94,9 +101,11 @@ class MultiTaskDataLoader(nnUNetDataLoader):
         self.case_tasks = {k: int(case_tasks[k]) for k in self.indices}
         self.sampler = TaskBalancedSampler([self.case_tasks[k] for k in self.indices], num_tasks,
                                            batches_per_task_per_round)
+        # group sizes: batch_size split into tasks_per_batch consecutive, nearly equal parts (empty ones dropped)
+        self.group_sizes = [len(g) for g in np.array_split(np.arange(batch_size), tasks_per_batch) if len(g)]
 
     def get_indices(self):
-        _, idx = self.sampler.next_batch(self.batch_size)
+        idx = np.concatenate([self.sampler.next_batch(n)[1] for n in self.group_sizes])
         return [self.indices[i] for i in idx]
 
     def generate_train_batch(self):

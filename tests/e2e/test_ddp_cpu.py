@@ -1,5 +1,7 @@
 """nnU-Net's own DDP training (``run_ddp``, what ``nnUNetv2_train -num_gpus 2`` runs) on CPU with gloo, for every
-plugin trainer of the registry: 2 processes, 2 iterations each, tiny networks (``nnunet_plugins.ddp_cpu``).
+plugin trainer of the registry: 2 processes, 2 iterations each, tiny networks (``nnunet_plugins.ddp_cpu``);
+semi-supervised trainers (LeFeD: 3 forward/backward passes and optimiser steps per iteration) take their
+unlabeled data from the harness dataset's ``splits_semi.json``.
 
 Checked: both ranks run DDP on CPU with half the plans' batch; they end with identical weights (hash of the whole
 state dict, buffers included) equal to the checkpoint; only rank 0 writes checkpoints; multi-task batches hold one
@@ -45,6 +47,15 @@ def ddp(tmp_path_factory):
             "env": env, "pre": pre}
 
 
+def _rank_batch(trainer):
+    """nnU-Net splits the plans' batch (2) over the ranks; semi-supervised trainers draw L + U per rank."""
+    import nnunet_plugins.trainers as trainers
+    from nnunet_plugins.trainers.semi import SemiSupervisedTrainer
+
+    cls = getattr(trainers, trainer)
+    return cls.labeled_batch_size + cls.unlabeled_batch_size if issubclass(cls, SemiSupervisedTrainer) else 1
+
+
 def _checkpoint(report):
     return torch.load(os.path.join(report["output_folder"], "checkpoint_final.pth"), map_location="cpu",
                       weights_only=False)
@@ -52,11 +63,11 @@ def _checkpoint(report):
 
 def test_every_trainer_trains_under_ddp_with_identical_weights(ddp):
     assert set(ddp["reports"]) >= {"CoTrTrainer", "BANetTrainer", "UniSegTrainer", "DoDNetTrainer",
-                                   "TransDoDNetTrainer"}
+                                   "TransDoDNetTrainer", "LeFeDTrainer"}
     for trainer, (rank0, rank1) in ddp["reports"].items():
         for rank, report in enumerate((rank0, rank1)):
             assert report["rank"] == rank and report["is_ddp"] and report["device"] == "cpu", (trainer, report)
-            assert report["batch_size"] == 1, f"{trainer}: the plans' batch of 2 is split over 2 ranks"
+            assert report["batch_size"] == _rank_batch(trainer), f"{trainer}: the plans' batch of 2 is split over 2 ranks"
             assert len(report["steps"]) == 2 and report["current_epoch"] == 1, (trainer, report)
         assert rank0["state_hash"] == rank1["state_hash"], f"{trainer}: ranks diverged"
     # equal weights must come from DDP's gradient averaging, not from equal data: the ranks draw their own batches
@@ -95,11 +106,16 @@ def _training_log(report):
 
 def test_multitask_batches_hold_one_task_per_rank(ddp):
     multitask = [t for t, reps in ddp["reports"].items() if reps[0]["steps"][0]["task_ids"] is not None]
-    assert {"UniSegTrainer", "DoDNetTrainer", "TransDoDNetTrainer"} <= set(multitask)
+    assert {"UniSegTrainer", "DoDNetTrainer", "TransDoDNetTrainer", "VerSemiTrainer"} <= set(multitask)
+    # VerSemi's stage 2 (the 1-epoch run starts in it) draws one unlabeled sample per rank and step
+    assert all(len(s["keys"]) == 2 for r in ddp["reports"]["VerSemiTrainer"] for s in r["steps"])
     for trainer in multitask:
         for report in ddp["reports"][trainer]:
             for step in report["steps"]:
-                assert len(step["task_ids"]) == 1 == len(step["keys"]), (trainer, step)
+                # semi-supervised multi-task batches (VerSemi's stage 2) append unlabeled samples, task id -1
+                labeled = [t for t in step["task_ids"] if t >= 0]
+                assert len(labeled) == 1 and len(step["keys"]) == len(step["task_ids"]), (trainer, step)
+                assert step["task_ids"][0] >= 0 and all(t == -1 for t in step["task_ids"][1:]), (trainer, step)
                 tag = step["keys"][0].split("_")[0]
                 assert {"CheckA": 0, "CheckB": 1}[tag] == step["task_ids"][0], (trainer, step)
         print(trainer, "tasks per step (rank 0 | rank 1):",

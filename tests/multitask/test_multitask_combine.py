@@ -143,3 +143,35 @@ def test_cli_reports_errors_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "nnunet_plugins", "combine", "-d", "998", "-o", "40"], env=env,
                          capture_output=True, text=True)
     assert out.returncode == 2 and "dataset ID 998" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unlabeled_images_are_carried_normalised_padded_and_tagged(tmp_path):
+    from nnunet_plugins.synthetic import generate_dataset
+
+    raw = str(tmp_path)
+    generate_dataset(raw, dataset_id=41, name="P", num_cases=2, num_test=0, num_unlabeled=2, shape=(8, 8, 8),
+                     num_structures=1, num_channels=1, seed=1)
+    generate_dataset(raw, dataset_id=42, name="Q", num_cases=2, num_test=0, shape=(8, 8, 8), num_structures=1,
+                     num_channels=2, seed=2)
+    folder = combine_datasets([41, 42], 43, "PQ", raw_root=raw, verbose=False)
+    un = sorted(os.listdir(os.path.join(folder, "imagesUn")))
+    # P's two unlabeled images, two channels each (Q has two): channel 1 is the zero padding
+    assert un == ["P_P_002_0000.nii.gz", "P_P_002_0001.nii.gz", "P_P_003_0000.nii.gz", "P_P_003_0001.nii.gz"]
+    dj = json.load(open(os.path.join(folder, "dataset.json")))
+    assert dj["numTraining"] == 4 and not os.path.exists(os.path.join(folder, "labelsUn"))
+    src = _arr(os.path.join(raw, "Dataset041_P", "imagesUn", "P_002_0000.nii.gz")).astype(np.float64)
+    got = _arr(os.path.join(folder, "imagesUn", "P_P_002_0000.nii.gz"))
+    from nnunet_plugins.multitask.intensity import normalize_channels
+
+    spec = MultiTaskSpec.from_dataset_json(dj)   # normalised with the source's own scheme, as its training images
+    expected = normalize_channels(src[None].astype(np.float32), spec.tasks[0].normalization, None)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(got, src)
+    assert not _arr(os.path.join(folder, "imagesUn", "P_P_002_0001.nii.gz")).any()
+    # an imagesUn case is part of the combination's fingerprint: a new one needs --overwrite
+    generate_dataset(raw, dataset_id=42, name="Q", num_cases=2, num_test=0, num_unlabeled=1, shape=(8, 8, 8),
+                     num_structures=1, num_channels=2, seed=2, overwrite=True)
+    with pytest.raises(ValueError, match="overwrite"):
+        combine_datasets([41, 42], 43, "PQ", raw_root=raw, verbose=False)
+    folder = combine_datasets([41, 42], 43, "PQ", raw_root=raw, verbose=False, overwrite=True)
+    assert "Q_Q_002_0000.nii.gz" in os.listdir(os.path.join(folder, "imagesUn"))

@@ -45,3 +45,22 @@ def test_single_tensor_target_and_labeled_only():
     assert b["target"].shape == (3, 1, 8, 8) and (b["target"][1:] == UNLABELED_TARGET).all()
     only = next(SemiBatchIterator(One(2, "l")))
     assert only["labeled"].tolist() == [True, True] and (only["target"] == 1).all()
+
+
+def test_extra_entries_joined_and_labeled_only_phase():
+    class Tasks(FakeAugmenter):
+        def __next__(self):
+            b = super().__next__()
+            b["task_id"] = torch.arange(self.n)
+            return b
+
+    it = SemiBatchIterator(Tasks(2, "l"), FakeAugmenter(3, "u"))
+    b = next(it)
+    # a multi-task loader's task ids: kept for the labeled samples, -1 (unknown) for the unlabeled ones
+    assert b["task_id"].tolist() == [0, 1, -1, -1, -1]
+    b = next(SemiBatchIterator(Tasks(2, "l"), Tasks(1, "u")))
+    assert b["task_id"].tolist() == [0, 1, 0]
+    it.draw_unlabeled = False   # a labeled-only phase draws no unlabeled batch
+    count = it.unlabeled.count
+    b = next(it)
+    assert b["keys"] == ["l0", "l1"] and b["labeled"].all() and it.unlabeled.count == count

@@ -101,3 +101,16 @@ def test_cli_split(tmp_path, monkeypatch):
     assert content["parameters"]["labeled"] == "2" and all(len(s["labeled"]) == 2 for s in content["splits"])
     with pytest.raises(SystemExit):
         main(["semi", "split", "-d", "42", "--labeled", "two"])
+
+
+def test_per_task_fraction():
+    cases = [f"A_{i}" for i in range(6)] + [f"B_{i}" for i in range(9)]
+    splits = default_splits(cases)
+    task = {c: 0 if c.startswith("A") else 1 for c in cases}.__getitem__
+    for entry, fold in zip(semi_splits(splits, "2", seed=3, task_of_case=task), splits):
+        assert sorted(c[0] for c in entry["labeled"]) == ["A", "A", "B", "B"]
+        assert sorted(entry["labeled"] + entry["unlabeled"]) == sorted(fold["train"])
+    for entry, fold in zip(semi_splits(splits, "50%", seed=3, task_of_case=task), splits):
+        for tag in "AB":
+            n = sum(c.startswith(tag) for c in fold["train"])
+            assert sum(c.startswith(tag) for c in entry["labeled"]) == max(1, int(n / 2 + 0.5))

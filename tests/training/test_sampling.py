@@ -133,3 +133,23 @@ def test_loader_works_with_worker_processes_and_seeds():
 
     first = run()
     assert first == run()
+
+
+def test_tasks_per_batch_groups_draw_one_task_each():
+    dl = MultiTaskDataLoader(FakeDataset(CASES), 4, (8, 16, 16), (8, 16, 16), LABELS, TASK, 2, 3,
+                             tasks_per_batch=2)
+    assert dl.group_sizes == [2, 2]
+    np.random.seed(0)
+    halves = Counter()
+    for _ in range(12):
+        batch = next(dl)
+        tid = batch["task_id"].tolist()
+        assert tid == [TASK[k] for k in batch["keys"]]
+        assert tid[0] == tid[1] and tid[2] == tid[3], "each half is one task"
+        halves[tid[0], tid[2]] += 1
+    # the halves follow the round schedule: 24 draws, 12 per task, mostly different tasks within a batch
+    assert sum(n for (a, b), n in halves.items() if a != b) >= 6
+    assert MultiTaskDataLoader(FakeDataset(CASES), 1, (8, 16, 16), (8, 16, 16), LABELS, TASK, 2, 3,
+                               tasks_per_batch=2).group_sizes == [1]
+    with pytest.raises(ValueError, match="tasks_per_batch"):
+        MultiTaskDataLoader(FakeDataset(CASES), 2, (8, 16, 16), (8, 16, 16), LABELS, TASK, 2, 3, tasks_per_batch=0)
