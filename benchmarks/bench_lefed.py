@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--cases", type=int, default=20)
     p.add_argument("--labeled", default="4")
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--shape", type=int, nargs=3, default=[24, 64, 64], help="synthetic image size (--dice)")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -152,7 +153,7 @@ def dice_benchmark(args):
     raw = os.path.join(env["nnUNet_raw"], name)
     if not os.path.isdir(raw):
         run_step(plugins + ["synth", "-d", dataset, "--name", "LeFeDBench", "--cases", str(args.cases),
-                            "--test-cases", "4", "--unlabeled", str(args.cases), "--shape", "24", "64", "64",
+                            "--test-cases", "4", "--unlabeled", str(args.cases), "--shape", *map(str, args.shape),
                             "--structures", "2", "--seed", "7"], env, log)
         planning = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
         run_step(console_command("nnUNetv2_plan_and_preprocess") + ["-d", dataset, "-c", "3d_fullres", "-np", "2"],

@@ -102,7 +102,8 @@ register(Method(
     summary="semi-supervised (imagesUn, `nnunet-plugins semi split/preprocess`): shared encoder + two different "
             "decoders (transposed conv / interpolation + conv, the second gated by the first); their feature "
             "discrepancy is fed back into the encoder over K=3 forward/backward passes per batch; inference = "
-            "encoder + decoder 1 (the plans' U-Net; the official V-Net is LeFeDVNet)",
+            "encoder + decoder 1 (the plans' U-Net; plans naming nnunet_plugins.architectures.lefed.LeFeDVNet build "
+            "the official V-Net)",
     trainers=("nnunet_plugins.trainers.lefed.LeFeDTrainer",),
     networks=("nnunet_plugins.architectures.lefed.LeFeDUNet",),
     dimensions=("2d", "3d"),

@@ -45,9 +45,9 @@ Hooks (besides :class:`~nnunet_plugins.trainers.base.PluginTrainer`'s ``forward`
     ``batch`` has no ``'target'`` key, so no label can leak into it. Default: none (zero).
 ``compute_loss(output, batch)``
     ``labeled_loss + unlabeled_loss_weight * unlabeled_loss``, logging both as ``labeled_loss`` /
-    ``unlabeled_loss`` (plus the hooks' own entries). Methods with several passes per batch override
-    ``train_step`` through the base's pieces (``batch_to_device``, ``autocast``, ``optimizer_step``), as
-    ``LeFeDTrainer`` does.
+    ``unlabeled_loss`` (plus the hooks' own entries). Methods with several passes per batch set the base's
+    ``passes_per_iteration`` and carry state between passes with its ``next_pass`` hook, as ``LeFeDTrainer``
+    does.
 
 At the start of training the trainer writes the semi split it uses into its fold folder
 (``semi_split.json``: protocol parameters, labeled cases, unlabeled training cases, imagesUn cases; see

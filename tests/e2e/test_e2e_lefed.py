@@ -24,8 +24,10 @@ pytestmark = pytest.mark.slow
 DATASET_ID = 614
 NAME = "Dataset614_LeFeDSynth"
 TEST_CASES = ("LeFeDSynth_012", "LeFeDSynth_013")
-# Held-out Dice (2 cases x 2 structures) after 3 + 1 epochs x 10 iterations (3 passes each), 4 labeled cases:
-# see the measurements in the module's commit; an untrained network scores about 0.
+# Held-out Dice (2 cases x 2 structures) after 2 + 1 epochs x 8 iterations (3 passes each), 4 labeled cases,
+# measured on 2 shared CPU cores: 0.866 / 0.955 / 0.967 / 0.984 (16x40x40 images, 3 + 1 epochs x 10: 0.893 /
+# 0.969 / 0.981 / 0.988). The thresholds leave room for run-to-run variation; a model that did not learn
+# (or whose predictor lost decoder 1's weights) segments neither structure.
 MIN_MEAN_DICE = 0.7
 MIN_DICE = 0.5
 
