@@ -227,9 +227,14 @@ def _ms_deform_attn_gather(value: Tensor, shapes: list[Shape3], sampling_locatio
     coord = loc * size[:, None, :] - 0.5                                   # continuous voxel index
     lower = coord.floor()
     frac = coord - lower                                                   # carries the location gradient
-    size_l = size.long()
+    # int32 row indices where they fit: less memory saved for backward and a faster embedding_bag backward
+    # (it sorts the indices) than int64
+    idx_dtype = torch.int32 if n * s_pad * m < 2 ** 31 else torch.int64
+    size_l = size.to(idx_dtype)
     # per axis, corner c in {0, 1}: index clamped into the padded range, shifted by the pad (+1)
-    lower_l = lower.long()
+    # (corners beyond the zero border all read padding: clamping first keeps far-away locations, e.g. of a
+    # diverging run, inside the integer range)
+    lower_l = torch.minimum(lower.clamp_min(-2), size[:, None, :]).to(idx_dtype)
     idx = torch.stack([lower_l.clamp(-1, None), (lower_l + 1).clamp(-1, None)], dim=-1)  # (N, Lq, M, L, P, 3, 2)
     idx = torch.minimum(idx, size_l[:, None, :, None]) + 1
     wgt = torch.stack([1 - frac, frac], dim=-1)                            # (N, Lq, M, L, P, 3, 2)
@@ -238,9 +243,9 @@ def _ms_deform_attn_gather(value: Tensor, shapes: list[Shape3], sampling_locatio
     stride = torch.stack([ph * pw, pw, torch.ones_like(pw)], dim=-1)       # (L, 3)
     idx = idx * stride[:, None, :, None]
     # row of value (n, s, m) = (n * S_pad + start_l + flat) * M + m: fold the constants into the d axis
-    base = (torch.arange(n, device=dev).view(n, 1, 1, 1, 1) * s_pad
-            + torch.tensor(starts, device=dev).view(1, 1, 1, nl, 1))       # (N, 1, 1, L, 1)
-    d_idx = (idx[..., 0, :] + base[..., None]) * m + torch.arange(m, device=dev).view(1, 1, m, 1, 1, 1)
+    base = (torch.arange(n, device=dev, dtype=idx_dtype).view(n, 1, 1, 1, 1) * s_pad
+            + torch.tensor(starts, device=dev, dtype=idx_dtype).view(1, 1, 1, nl, 1))       # (N, 1, 1, L, 1)
+    d_idx = (idx[..., 0, :] + base[..., None]) * m + torch.arange(m, device=dev, dtype=idx_dtype).view(1, 1, m, 1, 1, 1)
     rows = (d_idx[..., :, None, None] + m * idx[..., 1, None, :, None]
             + m * idx[..., 2, None, None, :])                              # (N, Lq, M, L, P, 2, 2, 2)
     per_row = (wgt[..., 0, :, None, None] * wgt[..., 1, None, :, None] * wgt[..., 2, None, None, :]

@@ -75,6 +75,8 @@ def _edge_locations(shapes, m, p, dtype):
     loc = torch.where(torch.rand(loc.shape, generator=g) < 0.5, snapped, loc)
     loc[:, :4] = -3.0   # far outside (all corners padding)
     loc[:, 4:8] = 4.0
+    loc[:, 8:10] = 1e12   # beyond the integer range of voxel indices
+    loc[:, 10:12] = -1e12
     return loc
 
 
@@ -98,13 +100,13 @@ def test_gather_equals_grid_sample_at_edges(dtype):
             grads.append(torch.autograd.grad((out * probe).sum(), xs))
             outs.append(out.detach())
         torch.testing.assert_close(outs[0], outs[1], **tol)
-        assert outs[0][:, :8].abs().max() == 0   # far outside: zero padding
+        assert outs[0][:, :12].abs().max() == 0   # far outside: zero padding
         # a location component exactly on a voxel index is a kink of the trilinear interpolation: its
         # derivative there is one-sided and rounding decides the side, so compare the others only
         size = torch.tensor(SHAPES, dtype=dtype)
         coord = loc * (size.flip(-1) if official else size)[:, None, :] - 0.5
         smooth = (coord - coord.round()).abs() > 1e-4
-        assert 0.2 < smooth.float().mean() < 0.9
+        assert 0.2 < smooth.float().mean() < 0.95
         (gv_a, gl_a, gw_a), (gv_b, gl_b, gw_b) = grads
         torch.testing.assert_close(gv_a, gv_b, **tol)
         torch.testing.assert_close(gw_a, gw_b, **tol)
