@@ -102,15 +102,15 @@ def main(argv=None):
             batches[name] = next(tr.dataloader_train)
         torch.set_num_threads(threads)   # nnU-Net may have changed it
         batch = batches["nnUNetTrainer"]   # the same batch for both
-        print(f"device {args.device}, {threads} threads, patch {trainers['PluginTrainer'].configuration_manager.patch_size}"
-              f", batch {trainers['PluginTrainer'].batch_size}, "
-              f"{sum(p.numel() for p in trainers['PluginTrainer'].network.parameters()) / 1e6:.2f}M parameters "
-              f"(PluginTrainer network: {type(trainers['PluginTrainer'].network).__name__})", flush=True)
+        plugin = trainers["PluginTrainer"]
+        print(f"device {args.device}, {threads} threads, patch {plugin.configuration_manager.patch_size}, batch "
+              f"{plugin.batch_size}, {sum(p.numel() for p in plugin.network.parameters()) / 1e6:.2f}M parameters "
+              f"(PluginTrainer network: {type(plugin.network).__name__})", flush=True)
         rows = []
         for tr in trainers.values():   # warm-up
             tr.train_step(batch)
-        rows.append(summarise("train_step", interleaved({n: (lambda t=t: t.train_step(batch)) for n, t in trainers.items()},
-                                                        args.rounds, args.device)))
+        rows.append(summarise("train_step", interleaved(
+            {n: (lambda t=t: t.train_step(batch)) for n, t in trainers.items()}, args.rounds, args.device)))
 
         def validate(t):
             t.network.eval()
@@ -118,8 +118,8 @@ def main(argv=None):
                 t.validation_step(batch)
             t.network.train()
 
-        rows.append(summarise("validation_step", interleaved({n: (lambda t=t: validate(t)) for n, t in trainers.items()},
-                                                             args.rounds, args.device)))
+        rows.append(summarise("validation_step", interleaved(
+            {n: (lambda t=t: validate(t)) for n, t in trainers.items()}, args.rounds, args.device)))
 
         def epoch(t):
             for _ in range(args.epoch_iters):
@@ -127,7 +127,7 @@ def main(argv=None):
 
         rows.append(summarise(f"epoch ({args.epoch_iters} it)",
                               interleaved({n: (lambda t=t: epoch(t)) for n, t in trainers.items()},
-                                          max(3, args.rounds // 3), args.device)))
+                                          max(5, args.rounds // 2), args.device)))
 
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 

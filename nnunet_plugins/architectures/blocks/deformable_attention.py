@@ -534,6 +534,12 @@ def sine_position_encoding_3d(spatial_shape: Sequence[int], d_model: int, *, tem
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
+def _scaled(x: Tensor, a: float) -> Tensor:
+    """``a * x`` for the residual branch; ``x`` itself when ``a == 1`` (CoTr, Deformable DETR): the product
+    would be an exact copy, plus its backward, of every token in every layer."""
+    return x if a == 1.0 else x * a
+
+
 class DeformableEncoderLayer3D(nn.Module):
     """Post-norm deformable encoder layer: ``x = LN(a*x + drop(MSDA(x + pos)))``,
     ``x = LN(a*x + drop(W2 drop(act(W1 x))))`` (Deformable DETR / CoTr DeTrans layer).
@@ -565,10 +571,10 @@ class DeformableEncoderLayer3D(nn.Module):
                 padding_mask: Tensor | None = None) -> Tensor:
         query = src if pos is None else src + pos
         a = self.residual_scale
-        src = self.norm1(src * a + self.dropout1(self.self_attn(query, reference_points, src, spatial_shapes,
+        src = self.norm1(_scaled(src, a) + self.dropout1(self.self_attn(query, reference_points, src, spatial_shapes,
                                                                 padding_mask)))
         ffn = self.linear2(self.dropout2(self.activation(self.linear1(src))))
-        return self.norm2(src * a + self.dropout3(ffn))
+        return self.norm2(_scaled(src, a) + self.dropout3(ffn))
 
 
 class DeformableTransformerEncoder3D(nn.Module):
@@ -701,9 +707,9 @@ class DeformableDecoderLayer3D(nn.Module):
         a = self.residual_scale
         q = tgt if query_pos is None else tgt + query_pos
         attn = self.self_attn(q, q, tgt, need_weights=False)[0]
-        tgt = self.norm1(tgt * a + self.dropout1(attn))
+        tgt = self.norm1(_scaled(tgt, a) + self.dropout1(attn))
         q = tgt if query_pos is None else tgt + query_pos
         cross = self.cross_attn(q, reference_points, memory, spatial_shapes, padding_mask)
-        tgt = self.norm2(tgt * a + self.dropout2(cross))
+        tgt = self.norm2(_scaled(tgt, a) + self.dropout2(cross))
         ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
-        return self.norm3(tgt * a + self.dropout4(ffn))
+        return self.norm3(_scaled(tgt, a) + self.dropout4(ffn))
