@@ -11,7 +11,8 @@ Three measurements:
 * sampling: ``ms_deform_attn_3d`` alone (values, locations and weights requiring gradients);
 * DeTrans: the whole encoder (official widths: d_model 384, 6 heads, 6 layers, FFN 1536, 2 levels, 4 points;
   train mode) on the levels CoTr makes of ``--patch`` (D/4 x H/8 x W/8 and D/8 x H/16 x W/16);
-* ``--network``: the whole CoTr network (official configuration, 14 classes) with deep supervision.
+* ``--network``: the whole CoTr network (official configuration, 14 classes) with deep supervision, now vs
+  before (grid_sample sampler and the official upsample-then-head order, kept here as the reference).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_cotr_attention.py [--patch 32 96 96] [--batch 1] [--network]
     OMP_NUM_THREADS=1 python benchmarks/bench_cotr_attention.py --patch 48 192 192 --rounds 3   # official patch
@@ -23,11 +24,13 @@ import os
 import statistics
 import sys
 import time
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from nnunet_plugins.architectures.blocks.deformable_attention import (  # noqa: E402
     DeformableTransformerEncoder3D,
@@ -79,11 +82,12 @@ def interleaved(calls: dict, rounds: int, device: str) -> dict:
 
 
 def report(what: str, times: dict, diff: float | None = None) -> float:
-    ratios = [a / b for a, b in zip(times["grid_sample"], times["gather"])]
-    ratio = statistics.median(ratios)
+    """Print and return the median per-round ratio first variant / second variant (> 1: the second is faster)."""
+    (old, t_old), (new, t_new) = times.items()
+    ratio = statistics.median([a / b for a, b in zip(t_old, t_new)])
     extra = "" if diff is None else f"   max |difference| {diff:.1e}"
-    print(f"{what:34s} grid_sample {statistics.median(times['grid_sample']) * 1e3:9.1f} ms   gather "
-          f"{statistics.median(times['gather']) * 1e3:9.1f} ms   speed-up {ratio:.2f}x{extra}", flush=True)
+    print(f"{what:36s} {old} {statistics.median(t_old) * 1e3:9.1f} ms   {new} {statistics.median(t_new) * 1e3:9.1f} ms"
+          f"   speed-up {ratio:.2f}x{extra}", flush=True)
     return ratio
 
 
@@ -111,11 +115,13 @@ def bench_sampling(levels, batch, rounds, device, heads=6, head_dim=64, points=4
     return report(f"sampling ({s} queries, batch {batch})", times, diff)
 
 
-def bench_module(name, module, inputs, rounds, device):
+def bench_module(name, module, inputs, rounds, device, variants=None):
+    """``variants``: {name: function(module) that configures it}; default: the two samplers."""
     module = module.to(device)
+    variants = variants or {impl: (lambda m, i=impl: set_implementation(m, i)) for impl in IMPLEMENTATIONS}
 
-    def call(impl):
-        set_implementation(module, impl)
+    def call(variant):
+        variants[variant](module)
         xs = [[f.detach().requires_grad_(True) for f in x] if isinstance(x, list) else x.detach().requires_grad_(True)
               for x in inputs]
         out = module(*xs)
@@ -125,14 +131,38 @@ def bench_module(name, module, inputs, rounds, device):
     module.eval()   # outputs without dropout for the difference
     with torch.no_grad():
         diffs = []
-        for impl in IMPLEMENTATIONS:
-            set_implementation(module, impl)
+        for variant in variants:
+            variants[variant](module)
             out = module(*inputs)
             diffs.append(out if isinstance(out, (list, tuple)) else [out])
         diff = max(float((a - b).abs().max()) for a, b in zip(*diffs))
     module.train()
-    times = interleaved({impl: (lambda i=impl: call(i)) for impl in IMPLEMENTATIONS}, rounds, device)
+    times = interleaved({v: (lambda v=v: call(v)) for v in variants}, rounds, device)
     return report(name, times, diff)
+
+
+def decoder_forward_before(self, bottleneck, skips):
+    """CoTrDecoder.forward as it was (the official order): upsample the 64-channel features, then the head."""
+    x = bottleneck
+    ds = []
+    for up, block, head, skip in zip(self.upconvs, self.blocks, self.ds_heads, skips):
+        x = block(up(x) + skip)
+        if self.deep_supervision:
+            ds.append(head(x))
+    d, h, w = x.shape[2:]
+    full = self.seg_head(F.interpolate(x, size=(d, 2 * h, 2 * w), mode="trilinear", align_corners=False))
+    return [full] + ds[::-1] if self.deep_supervision else full
+
+
+def configure_before(net):
+    """CoTr as before this benchmark's changes: grid_sample sampler, upsampling before the head."""
+    set_implementation(net, "grid_sample")
+    net.decoder.forward = types.MethodType(decoder_forward_before, net.decoder)
+
+
+def configure_now(net):
+    set_implementation(net, "auto")
+    net.decoder.__dict__.pop("forward", None)
 
 
 def main(argv=None):
@@ -151,7 +181,8 @@ def main(argv=None):
 
         net = CoTr(1, 14, patch_size=args.patch)
         x = torch.randn(args.batch, 1, *args.patch).to(args.device)
-        bench_module("CoTr network (official)", net, [x], max(3, args.rounds // 2), args.device)
+        bench_module("CoTr network (official, deep sup.)", net, [x], max(3, args.rounds // 2), args.device,
+                     variants={"before": configure_before, "now": configure_now})
 
 
 if __name__ == "__main__":
