@@ -7,7 +7,10 @@ step, an epoch and prediction.
 
 Both trainers are made by nnU-Net's ``get_trainer_from_args`` (what ``nnUNetv2_train`` does) on the SAME plans,
 data and seed (identical initial weights), in THIS process, and timed INTERLEAVED (A B B A ...) so load changes
-on a shared machine hit both alike; the reported ratio is the median of the per-round ratios (plugin / default):
+on a shared machine hit both alike; the reported ratio is the median of the per-round ratios (plugin / default).
+Timings on a loaded machine scatter by several per cent, so the script also counts the aten operators one
+``train_step`` and one ``validation_step`` of each trainer execute (torch.profiler): equal counts per operator
+mean both do the same tensor work, and what is left is Python call overhead:
 
 * ``train_step``: one fixed batch, forward + loss + backward + clip + SGD step;
 * ``validation_step``: the same batch under ``torch.no_grad`` with the network in eval mode (online Dice);
@@ -78,6 +81,24 @@ def summarise(what: str, times: dict) -> dict:
     return row
 
 
+def aten_op_counts(fn) -> dict:
+    """{aten operator: calls} of one call of ``fn`` (noise-free: equal counts = the same work)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
+
+
+def compare_ops(what: str, calls: dict) -> bool:
+    counts = {n: aten_op_counts(c) for n, c in calls.items()}
+    base, plug = counts["nnUNetTrainer"], counts["PluginTrainer"]
+    diff = {k: plug.get(k, 0) - base.get(k, 0) for k in set(base) | set(plug) if plug.get(k, 0) != base.get(k, 0)}
+    print(f"{what:16s} aten operator calls: nnUNetTrainer {sum(base.values())}, PluginTrainer {sum(plug.values())}"
+          + ("  (identical per operator)" if not diff else f"  differences: {dict(sorted(diff.items()))}"), flush=True)
+    return not diff
+
+
 def main(argv=None):
     args = parse_args(argv)
     from nnunet_plugins import trainer_check as tc
@@ -118,6 +139,8 @@ def main(argv=None):
                 t.validation_step(batch)
             t.network.train()
 
+        compare_ops("train_step", {n: (lambda t=t: t.train_step(batch)) for n, t in trainers.items()})
+        compare_ops("validation_step", {n: (lambda t=t: validate(t)) for n, t in trainers.items()})
         rows.append(summarise("validation_step", interleaved(
             {n: (lambda t=t: validate(t)) for n, t in trainers.items()}, args.rounds, args.device)))
 
