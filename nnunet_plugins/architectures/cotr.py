@@ -296,7 +296,8 @@ class CoTr(PlansNetwork, DecoderDeepSupervision, nn.Module):
             total += 3 * conv_output_size(up.out_channels, size)
             if decoder.deep_supervision:
                 total += conv_output_size(head.out_channels, size)
-        return total + conv_output_size(decoder.seg_head.out_channels, input_size)
+        # the head runs before the (1, 2, 2) upsampling, at the stem's resolution
+        return total + conv_output_size(decoder.seg_head.out_channels, levels[0])
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if x.dim() != 5:
