@@ -30,7 +30,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from nnunet_plugins.architectures.blocks.deformable_attention import (  # noqa: E402
     DeformableTransformerEncoder3D,
@@ -38,6 +37,7 @@ from nnunet_plugins.architectures.blocks.deformable_attention import (  # noqa: 
     ms_deform_attn_3d,
     reference_points_3d,
 )
+from nnunet_plugins.architectures.cotr import CoTr, CoTrDecoder  # noqa: E402
 
 IMPLEMENTATIONS = ("grid_sample", "gather")
 
@@ -142,16 +142,17 @@ def bench_module(name, module, inputs, rounds, device, variants=None):
 
 
 def decoder_forward_before(self, bottleneck, skips):
-    """CoTrDecoder.forward as it was (the official order): upsample the 64-channel features, then the head."""
-    x = bottleneck
-    ds = []
-    for up, block, head, skip in zip(self.upconvs, self.blocks, self.ds_heads, skips):
-        x = block(up(x) + skip)
-        if self.deep_supervision:
-            ds.append(head(x))
-    d, h, w = x.shape[2:]
-    full = self.seg_head(F.interpolate(x, size=(d, 2 * h, 2 * w), mode="trilinear", align_corners=False))
-    return [full] + ds[::-1] if self.deep_supervision else full
+    """CoTrDecoder.forward as it was (the official order): upsample the 64-channel features, then the head.
+
+    Today's forward with an identity head returns the upsampled features; the real head comes after.
+    """
+    head = self.seg_head
+    self.seg_head = torch.nn.Identity()
+    try:
+        out = CoTrDecoder.forward(self, bottleneck, skips)
+    finally:
+        self.seg_head = head
+    return [head(out[0])] + out[1:] if self.deep_supervision else head(out)
 
 
 def configure_before(net):
@@ -177,8 +178,6 @@ def main(argv=None):
     feats = [torch.randn(args.batch, 384, *s).to(args.device) for s in levels]
     bench_module(f"DeTrans ({args.layers} layers, official widths)", enc, [feats], args.rounds, args.device)
     if args.network:
-        from nnunet_plugins.architectures.cotr import CoTr
-
         net = CoTr(1, 14, patch_size=args.patch)
         x = torch.randn(args.batch, 1, *args.patch).to(args.device)
         bench_module("CoTr network (official, deep sup.)", net, [x], max(3, args.rounds // 2), args.device,
