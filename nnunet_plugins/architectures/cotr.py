@@ -22,7 +22,8 @@ Input ``(B, C_in, D, H, W)``; ``D`` divisible by 8, ``H`` and ``W`` by 16 (:attr
   first skip is the transformer's level-2 output (tokens reshaped), then CNN levels 1 and 0; after
   each addition a residual block of two ``3x3x3`` conv+norm+nonlin with an identity shortcut.
   Deep-supervision heads (``1x1x1`` conv with bias) after each of the three blocks; the full-resolution
-  output is a trilinear ``(1, 2, 2)`` upsampling of the last block followed by a ``1x1x1`` conv.
+  output is a trilinear ``(1, 2, 2)`` upsampling of the last block followed by a ``1x1x1`` conv (computed
+  as the conv followed by the upsampling: the two commute, and the classes are fewer than the 64 channels).
 
 Outputs: with ``deep_supervision`` on, ``[full, ds0, ds1, ds2]`` (nnU-Net order, highest resolution
 first) at the scales :attr:`CoTr.deep_supervision_scales` relative to the input, i.e. ``(1, 1, 1)``,
@@ -144,9 +145,12 @@ class CoTrDecoder(nn.Module):
             x = block(up(x) + skip)
             if self.deep_supervision:
                 ds.append(head(x))
-        # undo the stem's (1, 2, 2) stride
+        # undo the stem's (1, 2, 2) stride. The official order is upsample, then the 1x1x1 head; the two commute
+        # (the head is linear per voxel, trilinear upsampling a per-channel combination of voxels with weights
+        # summing to 1, so the bias passes through unchanged), and heading first upsamples num_classes channels
+        # instead of 64 and runs the head on a quarter of the voxels: same output to rounding (tests)
         d, h, w = x.shape[2:]
-        full = self.seg_head(F.interpolate(x, size=(d, 2 * h, 2 * w), mode="trilinear", align_corners=False))
+        full = F.interpolate(self.seg_head(x), size=(d, 2 * h, 2 * w), mode="trilinear", align_corners=False)
         if not self.deep_supervision:
             return full
         return [full] + ds[::-1]
@@ -292,7 +296,8 @@ class CoTr(PlansNetwork, DecoderDeepSupervision, nn.Module):
             total += 3 * conv_output_size(up.out_channels, size)
             if decoder.deep_supervision:
                 total += conv_output_size(head.out_channels, size)
-        return total + conv_output_size(decoder.seg_head.out_channels, input_size)
+        # the head runs before the (1, 2, 2) upsampling, at the stem's resolution
+        return total + conv_output_size(decoder.seg_head.out_channels, levels[0])
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if x.dim() != 5:

@@ -164,3 +164,47 @@ def test_traces_as_one_graph_for_torch_compile():
     x = torch.randn(1, 1, 16, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x)[0], net(x)[0], rtol=1e-4, atol=1e-4)
+
+
+def _full_output_official_order(decoder, bottleneck, skips):
+    """The official full-resolution output, written out: decoder blocks, trilinear (1, 2, 2) upsampling of the
+    last block's 64-channel features, THEN the 1x1x1 head (CoTr's ``upsamplex2`` + ``cls_conv``)."""
+    x = bottleneck
+    for up, block, skip in zip(decoder.upconvs, decoder.blocks, skips):
+        x = block(up(x) + skip)
+    d, h, w = x.shape[2:]
+    return decoder.seg_head(torch.nn.functional.interpolate(x, size=(d, 2 * h, 2 * w), mode="trilinear",
+                                                            align_corners=False))
+
+
+@pytest.mark.parametrize("patch", [(16, 32, 32), (8, 48, 16)])
+def test_head_before_upsampling_equals_official_order(patch):
+    """The decoder applies the 1x1x1 head before the upsampling (cheaper; the two commute): outputs and
+    gradients of every decoder parameter and input equal the official order's (float32, 1e-5)."""
+    net = _tiny(deep_supervision=False, patch_size=patch)
+    with torch.no_grad():
+        net.decoder.seg_head.bias.normal_()   # a non-zero bias must pass through the upsampling unchanged
+    g = torch.Generator().manual_seed(1)
+    dec = net.decoder
+    d, h, w = patch
+    chans = (8, 16, 24, 24)
+    shapes = [(d, h // 2, w // 2), (d // 2, h // 4, w // 4), (d // 4, h // 8, w // 8), (d // 8, h // 16, w // 16)]
+    feats = [torch.randn(2, c, *s, generator=g) for c, s in zip(chans, shapes)]
+    results = []
+    for fn in (lambda b, sk: dec(b, sk), lambda b, sk: _full_output_official_order(dec, b, sk)):
+        dec.zero_grad()
+        xs = [f.clone().requires_grad_(True) for f in feats]
+        out = fn(xs[3], [xs[2], xs[1], xs[0]])
+        assert out.shape == (2, 3, *patch)
+        probe = torch.linspace(-1, 1, out.numel()).view_as(out)
+        (out * probe).sum().backward()
+        results.append((out.detach(), [x.grad for x in xs],
+                        {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}))
+    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = results
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(gx_a, gx_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert gp_a.keys() == gp_b.keys() and "seg_head.bias" in gp_a
+    for name in gp_a:
+        scale = gp_b[name].abs().max().clamp_min(1e-3)
+        torch.testing.assert_close(gp_a[name] / scale, gp_b[name] / scale, rtol=1e-5, atol=1e-5, msg=name)

@@ -45,13 +45,14 @@ def _coordinate_volume(shapes, dtype=torch.float64):
     return torch.cat(parts, 0)[None, :, None, :]
 
 
+@pytest.mark.parametrize("implementation", ["gather", "grid_sample", "auto"])
 @pytest.mark.parametrize("official", [False, True])
-def test_vectorised_equals_reference_values_and_gradients(official):
+def test_vectorised_equals_reference_values_and_gradients(official, implementation):
     value, loc, w = _random_inputs()
     value.requires_grad_(True)
     loc.requires_grad_(True)
     w.requires_grad_(True)
-    fast = ms_deform_attn_3d(value, SHAPES, loc, w, official_axis_order=official)
+    fast = ms_deform_attn_3d(value, SHAPES, loc, w, official_axis_order=official, implementation=implementation)
     slow = ms_deform_attn_reference(value, SHAPES, loc, w, official_axis_order=official)
     assert fast.shape == (2, 13, 3 * 4)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
@@ -60,6 +61,59 @@ def test_vectorised_equals_reference_values_and_gradients(official):
     g_slow = torch.autograd.grad((slow * probe).sum(), (value, loc, w))
     for a, b in zip(g_fast, g_slow):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def _edge_locations(shapes, m, p, dtype):
+    """Locations on exact voxel centres and borders, one and several voxels outside every face."""
+    g = torch.Generator().manual_seed(3)
+    lq = 40
+    loc = torch.rand(1, lq, m, len(shapes), p, 3, generator=g, dtype=dtype)
+    size = torch.tensor(shapes, dtype=dtype)  # (L, 3)
+    # snap half of the coordinates onto voxel centres / faces (integer or half-integer voxel index)
+    k = torch.randint(-6, 2 * max(max(s) for s in shapes) + 6, loc.shape, generator=g).to(dtype) / 2
+    snapped = (k + 0.5) / size[:, None, :]
+    loc = torch.where(torch.rand(loc.shape, generator=g) < 0.5, snapped, loc)
+    loc[:, :4] = -3.0   # far outside (all corners padding)
+    loc[:, 4:8] = 4.0
+    loc[:, 8:10] = 1e12   # beyond the integer range of voxel indices
+    loc[:, 10:12] = -1e12
+    return loc
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gather_equals_grid_sample_at_edges(dtype):
+    """Both implementations agree (values and gradients) also where a trilinear corner falls outside,
+    exactly on a face, or far outside: there the gather path's clamped zero border must act as
+    grid_sample's zero padding. float32 to 1e-5 (the accuracy training runs at)."""
+    g = torch.Generator().manual_seed(4)
+    m, p = 3, 2
+    loc = _edge_locations(SHAPES, m, p, dtype)
+    value = torch.randn(1, _n_tokens(SHAPES), m, 5, generator=g, dtype=dtype)
+    w = torch.rand(1, loc.shape[1], m, len(SHAPES), p, generator=g, dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    for official in (False, True):
+        outs, grads = [], []
+        for impl in ("gather", "grid_sample"):
+            xs = [t.clone().requires_grad_(True) for t in (value, loc, w)]
+            out = ms_deform_attn_3d(xs[0], SHAPES, xs[1], xs[2], official_axis_order=official, implementation=impl)
+            probe = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)
+            grads.append(torch.autograd.grad((out * probe).sum(), xs))
+            outs.append(out.detach())
+        torch.testing.assert_close(outs[0], outs[1], **tol)
+        assert outs[0][:, :12].abs().max() == 0   # far outside: zero padding
+        # a location component exactly on a voxel index is a kink of the trilinear interpolation: its
+        # derivative there is one-sided and rounding decides the side, so compare the others only
+        size = torch.tensor(SHAPES, dtype=dtype)
+        coord = loc * (size.flip(-1) if official else size)[:, None, :] - 0.5
+        smooth = (coord - coord.round()).abs() > 1e-4
+        assert 0.2 < smooth.float().mean() < 0.95
+        (gv_a, gl_a, gw_a), (gv_b, gl_b, gw_b) = grads
+        torch.testing.assert_close(gv_a, gv_b, **tol)
+        torch.testing.assert_close(gw_a, gw_b, **tol)
+        scale = gl_b.abs().max()   # location gradients scale with the level size
+        torch.testing.assert_close(gl_a[smooth] / scale, gl_b[smooth] / scale, **tol)
+    with pytest.raises(ValueError, match="implementation"):
+        ms_deform_attn_3d(value, SHAPES, loc, w, implementation="cuda_kernel")
 
 
 def test_axis_orders_differ_on_asymmetric_volume():
@@ -281,3 +335,33 @@ def test_encoder_shapes_gradients_and_reuse_configuration():
     assert tokens.shape == (1, 64 + 8 + 4, 192) and pos.shape == (1, 76, 192)
     with pytest.raises(ValueError, match="levels"):
         enc(feats[:1])
+
+
+def test_encoder_gather_and_grid_sample_give_equal_outputs_and_gradients():
+    """The whole DeTrans stack (float32, as trained) with either sampler: equal outputs and parameter gradients."""
+    torch.manual_seed(0)
+    enc = DeformableTransformerEncoder3D(d_model=24, n_heads=2, num_layers=2, d_ffn=32, n_levels=2, n_points=2,
+                                         dropout=0.0)
+    with torch.no_grad():   # offsets away from the initial grid pattern, so sampling is off-voxel
+        for layer in enc.layers:
+            layer.self_attn.sampling_offsets.weight.normal_(0, 0.2)
+            layer.self_attn.attention_weights.weight.normal_(0, 0.2)
+    feats = [torch.randn(2, 24, *s) for s in SHAPES]
+    results = []
+    for impl in ("gather", "grid_sample"):
+        for mod in enc.modules():
+            if isinstance(mod, MSDeformAttn3D):
+                mod.implementation = impl
+        enc.zero_grad()
+        xs = [f.clone().requires_grad_(True) for f in feats]
+        outs = enc(xs)
+        sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs).backward()
+        results.append(([o.detach() for o in outs], [x.grad for x in xs],
+                        {n: p.grad.clone() for n, p in enc.named_parameters()}))
+    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = results
+    for a, b in zip(out_a + gx_a, out_b + gx_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert gp_a.keys() == gp_b.keys()
+    for name in gp_a:
+        scale = gp_b[name].abs().max().clamp_min(1e-3)
+        torch.testing.assert_close(gp_a[name] / scale, gp_b[name] / scale, rtol=1e-5, atol=1e-5, msg=name)
