@@ -616,6 +616,8 @@ def run_parallel(function: Callable, items: Sequence[tuple[str, dict]], num_proc
     ``(key, kwargs)`` of ``items`` in ``num_processes`` processes, with a progress bar. ``on_result(key, value)``
     runs in this process as each call succeeds. Returns {key: result}; if any call fails, raises ChallengeError
     listing every failure (the others have completed)."""
+    if not callable(function):
+        raise TypeError(f"run_parallel takes the function itself, got {function!r}")
     work = [(key, function, kwargs) for key, kwargs in items]
     results, failures = {}, []
 

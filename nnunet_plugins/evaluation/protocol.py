@@ -167,7 +167,7 @@ def evaluate_folder(pred_dir: str, gt_dir: str, output: Optional[str] = None,
                                                       verbose=False)
     items = [(case, dict(case=case, pred_path=preds[case], gt_path=gts[case], regions=regions, reader=reader))
              for case in gts]
-    rows = run_cases("nnunet_plugins.evaluation.protocol:evaluate_case", items, num_processes,
+    rows = run_cases(evaluate_case, items, num_processes,
                      desc="protocol metrics", progress=progress)
     if regions is None:
         # a label found in some case only: the other cases had it in neither file ("both empty")

@@ -192,3 +192,13 @@ def test_export_extra_prediction_is_an_error_unless_allowed(tmp_path):
     files = kipa22.export(str(preds), str(tmp_path / "sub"), os.path.join(rel, "train", "image"), progress=False,
                           allow_extra=True)
     assert sorted(os.path.basename(f) for f in files) == ["0.nii.gz", "1.nii.gz", "2.nii.gz"]
+
+
+def test_run_parallel_takes_a_function_not_a_dotted_name():
+    from nnunet_plugins.dataset_conversion.common import run_parallel
+
+    import os.path
+
+    assert run_parallel(os.path.join, [("a", {"a": "x"})], progress=False) == {"a": "x"}
+    with pytest.raises(TypeError, match="takes the function itself, got 'os.path:join'"):
+        run_parallel("os.path:join", [("a", {"a": "x"})], progress=False)
