@@ -6,6 +6,8 @@ from nnunet_plugins.trainers.uniseg import UniSegTrainer
 from nnunet_plugins.trainers.banet import BANetTrainer, BANetTrainer_consistency
 from nnunet_plugins.trainers.dodnet import DoDNetTrainer
 from nnunet_plugins.trainers.transdodnet import TransDoDNetTrainer
+from nnunet_plugins.trainers.medseqft import MedSeqFTTeacherTrainer, MedSeqFTTrainer, SequentialFTTrainer
 
 __all__ = ["PluginTrainer", "CoTrTrainer", "MultiTaskTrainer", "UniSegTrainer", "BANetTrainer",
-           "BANetTrainer_consistency", "DoDNetTrainer", "TransDoDNetTrainer"]
+           "BANetTrainer_consistency", "DoDNetTrainer", "TransDoDNetTrainer",
+           "MedSeqFTTrainer", "MedSeqFTTeacherTrainer", "SequentialFTTrainer"]
