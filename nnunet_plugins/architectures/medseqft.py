@@ -12,6 +12,12 @@ supervision) is untouched and one forward pass gives the active task's outputs, 
 convs are the U-Net's own seg layers; a new task appends a fresh 1x1 conv (same layout: bias, conv op) at
 every stage (:meth:`MedSeqFTNetwork.add_task`).
 
+Why not the multi-task machinery (``trainers/multitask.py``, ``blocks/dynamic_head.py``): that trains ONE network
+on a combined dataset with a task id per sample; a MedSeqFT stage trains on one ordinary nnU-Net dataset (the stock
+loader, loss and validation) and only the buffers' distillation runs the old heads, so the task is a property of
+the network (which head answers), not of the batch, and an ordinary ``nnUNetv2_predict`` of the stage's dataset
+predicts the stage's task.
+
 * Active task: :meth:`MedSeqFTNetwork.set_task` (0-based; default the LAST task, i.e. the stage's own
   task, which is what ``nnUNetv2_predict -tr MedSeqFTTrainer`` predicts). Earlier tasks are predicted by
   ``nnunet-plugins medseqft predict --task`` (nnU-Net's predictor with the task set on the network).

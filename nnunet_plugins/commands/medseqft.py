@@ -420,6 +420,38 @@ def train_phase(trainer) -> str:
     return final
 
 
+class _Clock:
+    """Wall time of a phase and peak memory of a stage: CUDA peak allocation since the stage began, else the
+    process's peak resident set so far (Linux ru_maxrss)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device = device
+
+    def start(self):
+        import time
+
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        import time
+
+        return round(time.perf_counter() - self.t0, 2)
+
+    def peak_mib(self) -> float:
+        import resource
+
+        import torch
+
+        if self.cuda:
+            return round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _validate(trainer, final: str) -> float | None:
     from nnunet_plugins.trainers.base import PluginTrainer
     from nnunet_plugins.trainers.medseqft import load_weights
@@ -478,6 +510,8 @@ def run_sequence(args) -> list:
         print(f"stage {t} ({name}): {method}")
         from nnunet_plugins.trainers import medseqft as tr
 
+        seconds, clock = {}, _Clock(device)
+
         context = StageContext(stage=t, tasks=copy.deepcopy(tasks), previous=previous, options=opts)
         if args.plain:
             student = _make_trainer(tr.SequentialFTTrainer, name, args.plans_name, args.configuration, fold, device,
@@ -488,21 +522,30 @@ def run_sequence(args) -> list:
             train_ids, _ = teacher.do_split()
             buffer_file = os.path.join(out, BUFFER_FILE)
             if not os.path.isfile(buffer_file):
+                clock.start()
                 if m0_model is None:
                     head_file = os.path.join(stage_folder(names[0], student_name, args.plans_name, args.configuration,
                                                           fold), M0_HEAD_FILE)
                     m0_model = m0_reconstruction(m0, args, opts, head_file, folders[0], device)
                 write_stage_buffer(*m0_model, opts, t, name, folder, train_ids, fold, buffer_file)
+                seconds["buffer"] = clock.stop()
             teacher.set_stage(context)
+            clock.start()
             context.teacher = train_phase(teacher)
+            seconds["teacher"] = clock.stop()
+            del teacher
             context.buffers = [{"task": j, "folder": folders[j], "case_ids": _buffer_ids(
                 stage_folder(names[j], student_name, args.plans_name, args.configuration, fold))} for j in range(t - 1)]
             student = _make_trainer(tr.MedSeqFTTrainer, name, args.plans_name, args.configuration, fold, device, args)
         student.set_stage(context)
+        clock.start()
         final = train_phase(student)
+        seconds["student"] = clock.stop()
         dice = None if args.no_val else _validate(student, final)
+        # cost of what THIS invocation did (a continued stage counts only its rest)
         record = dict(expected, dataset=name, checkpoint=final, validation_dice=dice,
-                      buffer=None if args.plain else os.path.join(out, BUFFER_FILE))
+                      buffer=None if args.plain else os.path.join(out, BUFFER_FILE), seconds=seconds,
+                      peak_memory_mib=clock.peak_mib())
         write_json(record, record_file)
         print(f"stage {t} ({name}) finished: {final}" + ("" if dice is None else f", validation Dice {dice:.4f}"))
         records.append(record)

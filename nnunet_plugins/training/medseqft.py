@@ -5,6 +5,9 @@ Image Segmentation", 2025. No official code; the paper does not publish K, R, th
 weights or the distillation form. This module records the procedure as implemented here, the defaults
 we chose and why, and which building blocks each step calls.
 
+Implemented by :mod:`nnunet_plugins.trainers.medseqft` (trainers, reconstruction training) and
+``nnunet-plugins medseqft`` (:mod:`nnunet_plugins.commands.medseqft`: datasets, stages, records, prediction).
+
 Procedure
 ---------
 Given M_0 (a U-Net of M_0's plans with a masked-reconstruction head) and datasets D_1..D_n, all

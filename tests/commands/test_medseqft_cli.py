@@ -7,8 +7,12 @@ import signal
 import subprocess
 import time
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+
+from nnunet_plugins import cli
 
 from medseqft_helpers import PLUGINS, make_datasets, medseqft_env, nnunet_checkpoint, plan_tiny, plugins
 
@@ -42,16 +46,32 @@ def _trained_anything(env):
     return [d for ds in os.listdir(results) for d in os.listdir(os.path.join(results, ds)) if "MedSeqFT" in d]
 
 
-def test_bad_input_is_one_line_before_any_training(setup):
+def _in_process(capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=e.value.code, stdout=captured.out, stderr=captured.err)
+
+
+def test_bad_input_is_one_line_before_any_training(setup, monkeypatch, capsys):
+    from nnunetv2 import paths
+
     env, init = setup["env"], setup["init"]
-    r = plugins("medseqft", "run", "--init", init + ".missing", "--sequence", 31, *RUN, env=env)
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setattr(paths, name, env[name])
+    r = _in_process(capsys, "medseqft", "run", "--init", init + ".missing", "--sequence", 31, *RUN)
     _one_line_error(r, "--init checkpoint", "does not exist")
-    r = plugins("medseqft", "run", "--init", init, "--sequence", 31, 99, *RUN, env=env)
+    r = _in_process(capsys, "medseqft", "run", "--init", init, "--sequence", 31, 99, *RUN)
     _one_line_error(r, "unknown dataset 99")
-    r = plugins("medseqft", "run", "--init", init, "--sequence", 31, 34, *RUN, env=env)
+    r = _in_process(capsys, "medseqft", "run", "--init", init, "--sequence", 31, 34, *RUN)
     _one_line_error(r, "Dataset034_Two has 2 input channel(s)", "trained on 1")
-    r = plugins("medseqft", "run", "--init", init, "--sequence", 31, "-c", "2d_lowres", *RUN, env=env)
+    r = _in_process(capsys, "medseqft", "run", "--init", init, "--sequence", 31, "-c", "2d_lowres", *RUN)
     _one_line_error(r, "no configuration '2d_lowres'")
+    # another network in the checkpoint than the plans' U-Net
+    bad = os.path.join(os.path.dirname(init), "other.pth")
+    torch.save({"network_weights": {"encoder.stages.0.0.convs.0.conv.weight": torch.zeros(3)}}, bad)
+    r = _in_process(capsys, "medseqft", "run", "--init", bad, "--sequence", 31, *RUN)
+    _one_line_error(r, "does not hold the U-Net of its plans")
     assert _trained_anything(env) == []
     # no dataset was preprocessed for a run that was refused
     assert not os.path.isdir(os.path.join(env["nnUNet_preprocessed"], "Dataset031_A"))
@@ -61,7 +81,9 @@ def _mtimes(folder):
     return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files}
 
 
+@pytest.mark.slow
 def test_kill_continue_and_skip(setup):
+    """Killed in stage 2's student (LoRA) training; the rerun continues it; the next rerun skips both stages."""
     env, init = setup["env"], setup["init"]
     args = PLUGINS + ["medseqft", "run", "--init", init, "--sequence", "31", "32"] + RUN
     results = env["nnUNet_results"]
@@ -69,7 +91,7 @@ def test_kill_continue_and_skip(setup):
     log = open(setup["root"] / "killed.txt", "w")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
     latest = os.path.join(stage2, "checkpoint_latest.pth")
-    deadline = time.time() + 240
+    deadline = time.time() + 400
     while not os.path.isfile(latest) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -108,5 +130,5 @@ def test_kill_continue_and_skip(setup):
     assert r.returncode == 0 and r.stdout.count("finished, skipped") == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert _mtimes(os.path.join(results, "Dataset032_B")) == done
     # other options for finished stages: refused, naming the stage record
-    r = plugins(*args[3:], "--rank", "4", env=env)
+    r = plugins(*args[3:], "--rank", "4", env=env)  # args[3:]: after "python -m nnunet_plugins"
     _one_line_error(r, "medseqft_stage.json belongs to another run", "options")
