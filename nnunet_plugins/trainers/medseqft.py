@@ -322,7 +322,7 @@ def train_reconstruction(model: nn.Module, sources: Sequence[Iterator[torch.Tens
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 12.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % max(1, save_every) == 0 or step + 1 == iterations:
             save(step + 1)
             log(f"reconstruction step {step + 1}/{iterations}: loss {np.mean(losses[-save_every:]):.4f}")
