@@ -182,6 +182,9 @@ class MedSeqFTTrainer(_MedSeqFTStageTrainer):
 
     teacher: nn.Module | None = None
     reference: nn.Module | None = None
+    #: learning rate of the adapters and the new head (AdamW; see configure_optimizers); a class attribute, as
+    #: nnU-Net's initial_lr, for variants
+    lora_lr: float = 5e-3
 
     def _frozen_copy(self, state: dict | None = None) -> nn.Module:
         net = copy.deepcopy(self.network)
@@ -215,6 +218,20 @@ class MedSeqFTTrainer(_MedSeqFTStageTrainer):
         self.print_to_log_file(f"MedSeqFT stage {ctx.stage}: {len(lora_parameters(self.network))} LoRA tensors "
                                f"(rank {opts.rank}), {n_train} trainable parameters, buffers of tasks "
                                f"{self._buffer_tasks}", also_print_to_console=True)
+
+    def configure_optimizers(self):
+        """AdamW (lr ``lora_lr``, no weight decay) on the adapters and the new head, nnU-Net's poly schedule.
+
+        LoRA is trained with Adam in Hu et al.; nnU-Net's SGD (lr 1e-2, momentum 0.99) moves the zero-initialised
+        ``B`` matrices too slowly. Measured on the tiny end-to-end setup (stage 1, 4 x 12 iterations, pseudo Dice of
+        the last epoch; teacher 0.88-0.91): SGD 0.0, AdamW 1e-3 0.31, AdamW 5e-3 0.94."""
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+        if not self._has_adapters():
+            return super().configure_optimizers()
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, self.lora_lr, weight_decay=0.0)
+        return optimizer, PolyLRScheduler(optimizer, self.lora_lr, self.num_epochs)
 
     # ---- hooks -------------------------------------------------------------------------------------
     def forward(self, batch: dict):
