@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "nnunet_plugins.commands.metrics",
     "nnunet_plugins.commands.semi",
     "nnunet_plugins.commands.checkpoints",
+    "nnunet_plugins.commands.medseqft",
 )
 
 

@@ -21,6 +21,10 @@ class Method:
     planners: tuple[str, ...] = ()
     dimensions: tuple[str, ...] = ("3d",)
     extras: dict = field(default_factory=dict)
+    #: ``nnUNetv2_train -tr`` can train the trainers on a dataset by itself; False for trainers that train one
+    #: step of a pipeline run by the package's own command (MedSeqFT's stages need the previous model), which
+    #: the harnesses that train every trainer (device check, DDP, benchmarks) leave out
+    standalone: bool = True
 
 
 METHODS: dict[str, Method] = {}
@@ -128,6 +132,21 @@ register(Method(
 ))
 
 
+register(Method(
+    name="MedSeqFT",
+    paper="Ye, Wu, Luo et al. MedSeqFT: Sequential Fine-tuning Foundation Models for 3D Medical Image Segmentation. "
+          "2025 (no official code)",
+    summary="sequential fine-tuning of a pre-trained U-Net (masked-volume pre-training) over a stream of datasets: "
+            "MDS buffers, full fine-tuning teacher, LoRA student distilled from the teacher and from the previous "
+            "model on the buffers, merged; one head per task (`nnunet-plugins medseqft pretrain|run|predict`)",
+    trainers=("nnunet_plugins.trainers.medseqft.MedSeqFTTrainer", "nnunet_plugins.trainers.medseqft.MedSeqFTTeacherTrainer",
+              "nnunet_plugins.trainers.medseqft.SequentialFTTrainer"),
+    networks=("nnunet_plugins.architectures.medseqft.MedSeqFTNetwork",),
+    dimensions=("3d",),
+    standalone=False,
+))
+
+
 def resolve(dotted: str):
     """Import ``package.module.Name`` and return ``Name``."""
     module_name, _, attribute = dotted.rpartition(".")
@@ -140,6 +159,11 @@ def resolve(dotted: str):
 
 def all_trainer_paths() -> list[str]:
     return [t for m in METHODS.values() for t in m.trainers]
+
+
+def standalone_trainer_paths() -> list[str]:
+    """The trainers ``nnUNetv2_train`` trains by itself (see ``Method.standalone``)."""
+    return [t for m in METHODS.values() if m.standalone for t in m.trainers]
 
 
 def find_method(name: str) -> Method:

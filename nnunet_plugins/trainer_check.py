@@ -98,10 +98,11 @@ DEFAULT_CASE = CheckCase()
 
 
 def plugin_trainer_names() -> list[str]:
-    """Class names of every trainer in the registry, in registry order."""
-    from nnunet_plugins.registry import all_trainer_paths
+    """Class names of every trainer in the registry that nnUNetv2_train trains by itself, in registry order
+    (MedSeqFT's stage trainers need the previous stage's model: ``nnunet-plugins medseqft run`` trains them)."""
+    from nnunet_plugins.registry import standalone_trainer_paths
 
-    return [path.rpartition(".")[2] for path in all_trainer_paths()]
+    return [path.rpartition(".")[2] for path in standalone_trainer_paths()]
 
 
 def case_of(trainer: str) -> CheckCase:

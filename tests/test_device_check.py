@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from nnunet_plugins import device_check as dc
-from nnunet_plugins.registry import all_trainer_paths
+from nnunet_plugins.registry import standalone_trainer_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIP = ["python3", "-m", "pip"]
@@ -177,7 +177,7 @@ def test_device_check_script_cpu_mode_end_to_end(tmp_path):
     results = json.load(open(out / "device_check.json"))
     assert results["ok"] and results["device"] == "cpu" and results["size"] == "tiny"
     rows = {r["trainer"]: r for r in results["trainers"]}
-    assert list(rows) == [p.rpartition(".")[2] for p in all_trainer_paths()]
+    assert list(rows) == [p.rpartition(".")[2] for p in standalone_trainer_paths()]
     for name, row in rows.items():
         assert row["loss_decreased"] and len(row["losses"]) == 3, (name, row)
         assert row["baseline"]["trainer"] == "nnUNetTrainer" and row["baseline"]["patch"] == row["patch"]

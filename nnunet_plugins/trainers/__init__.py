@@ -9,7 +9,9 @@ from nnunet_plugins.trainers.dodnet import DoDNetTrainer
 from nnunet_plugins.trainers.transdodnet import TransDoDNetTrainer
 from nnunet_plugins.trainers.lefed import LeFeDTrainer
 from nnunet_plugins.trainers.versemi import VerSemiTrainer, VerSemiTrainer_stage1only
+from nnunet_plugins.trainers.medseqft import MedSeqFTTeacherTrainer, MedSeqFTTrainer, SequentialFTTrainer
 
 __all__ = ["PluginTrainer", "CoTrTrainer", "MultiTaskTrainer", "SemiSupervisedTrainer", "LabeledOnlyTrainer",
            "UniSegTrainer", "BANetTrainer", "BANetTrainer_consistency", "DoDNetTrainer", "TransDoDNetTrainer",
-           "LeFeDTrainer", "VerSemiTrainer", "VerSemiTrainer_stage1only"]
+           "LeFeDTrainer", "VerSemiTrainer", "VerSemiTrainer_stage1only",
+           "MedSeqFTTrainer", "MedSeqFTTeacherTrainer", "SequentialFTTrainer"]

@@ -5,6 +5,9 @@ Image Segmentation", 2025. No official code; the paper does not publish K, R, th
 weights or the distillation form. This module records the procedure as implemented here, the defaults
 we chose and why, and which building blocks each step calls.
 
+Implemented by :mod:`nnunet_plugins.trainers.medseqft` (trainers, reconstruction training) and
+``nnunet-plugins medseqft`` (:mod:`nnunet_plugins.commands.medseqft`: datasets, stages, records, prediction).
+
 Procedure
 ---------
 Given M_0 (a U-Net of M_0's plans with a masked-reconstruction head) and datasets D_1..D_n, all
@@ -20,7 +23,8 @@ preprocessed with M_0's plans (one architecture across the sequence; same input 
    new segmentation head for task t (one head per task; old heads untouched and unused here).
 2. **Student** = M_{t-1} (every parameter frozen) + :func:`~nnunet_plugins.architectures.blocks.lora.add_lora`
    of rank ``r`` on its Conv2d/Conv3d/Linear layers, EXCLUDING the new task-t head, which is copied from
-   T_t and trained fully (it is new, M_{t-1} has nothing to retain there; a 1x1 conv is tiny).
+   T_t and trained fully (it is new, M_{t-1} has nothing to retain there; a 1x1 conv is tiny). Optimiser: AdamW
+   at 5e-3 with nnU-Net's poly schedule (``MedSeqFTTrainer.lora_lr``; nnU-Net's SGD barely moves the adapters).
    Transposed convolutions and norms stay frozen (see lora.py). The optimizer gets
    :func:`~nnunet_plugins.architectures.blocks.lora.lora_parameters` + the task-t head. Loss per
    iteration::
