@@ -33,7 +33,7 @@ The validation iterator is nnU-Net's (labeled validation cases, validation trans
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -152,6 +152,18 @@ class SemiBatchIterator:
         for it in (self.labeled, self.unlabeled):
             if it is not None and hasattr(it, "_finish"):
                 it._finish()
+
+
+def finish_semi_loaders(*loaders) -> None:
+    """Shut down the worker processes of the semi iterators among ``loaders`` (a trainer's ``on_train_end``:
+    nnU-Net's own only knows its augmenter classes, and each semi iterator wraps two), without their prints."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        for loader in loaders:
+            if isinstance(loader, SemiBatchIterator):
+                loader._finish()
 
 
 def _augmenter(loader, num_processes: int, pin_memory: bool, num_cached: int):

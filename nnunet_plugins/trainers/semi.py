@@ -55,12 +55,9 @@ At the start of training the trainer writes the semi split it uses into its fold
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
-from nnunet_plugins.semi.dataloading import (DEFAULT_LABELED_BATCH, DEFAULT_UNLABELED_BATCH, SemiBatchIterator,
+from nnunet_plugins.semi.dataloading import (DEFAULT_LABELED_BATCH, DEFAULT_UNLABELED_BATCH, finish_semi_loaders,
                                              get_semi_dataloaders)
 from nnunet_plugins.semi.split import record_semi_split
 from nnunet_plugins.trainers.base import PluginTrainer
@@ -117,16 +114,7 @@ class SemiSupervisedTrainer(PluginTrainer):
 
     def on_train_end(self):
         super().on_train_end()
-        # nnU-Net only shuts down its own augmenter classes; ours wrap two of them each
-        old_stdout = sys.stdout
-        with open(os.devnull, "w") as f:
-            sys.stdout = f
-            try:
-                for loader in (self.dataloader_train, self.dataloader_val):
-                    if isinstance(loader, SemiBatchIterator):
-                        loader._finish()
-            finally:
-                sys.stdout = old_stdout
+        finish_semi_loaders(self.dataloader_train, self.dataloader_val)
 
     # ---- losses ------------------------------------------------------------------------------------
     @staticmethod

@@ -48,7 +48,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from nnunet_plugins.architectures.versemi import VerSemiUNet
-from nnunet_plugins.semi.dataloading import SemiBatchIterator, get_semi_dataloaders
+from nnunet_plugins.semi.dataloading import finish_semi_loaders, get_semi_dataloaders
 from nnunet_plugins.semi.split import record_semi_split
 from nnunet_plugins.trainers.multitask import MultiTaskTrainer
 from nnunet_plugins.training.cutmix import cutmix, draw_cubes, mask_at_scale, source_targets
@@ -134,17 +134,12 @@ class VerSemiTrainer(MultiTaskTrainer):
                                           require_unlabeled=not self.official_stage1_only, labeled_loader=loader)
         train.draw_unlabeled = self.stage == 2
         if self.local_rank == 0:
-            d = self.semi_data
-            record_semi_split(self.output_folder, d["labeled"], d["unlabeled_training_cases"], d["unlabeled_images"],
-                              d["parameters"], d["source"])
+            record_semi_split(self.output_folder, **self.semi_data)
         return train, val
 
     def on_train_end(self):
         super().on_train_end()
-        # nnU-Net shuts down its own augmenter classes only; a semi iterator wraps two (worker processes)
-        for loader in (self.dataloader_train, self.dataloader_val):
-            if isinstance(loader, SemiBatchIterator):
-                loader._finish()
+        finish_semi_loaders(self.dataloader_train, self.dataloader_val)
 
     # ---- forward / loss ----------------------------------------------------------------------------
     def _num_classes(self, task_id: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,8 @@ def test_select_samples_structures():
         select_samples({"a": x}, mask)
 
 
-def test_train_end_finishes_both_streams(monkeypatch):
+@pytest.mark.parametrize("trainer_class", ["SemiSupervisedTrainer", "VerSemiTrainer"])
+def test_train_end_finishes_both_streams(monkeypatch, trainer_class):
     class Stream:
         finished = False
 
@@ -82,7 +83,10 @@ def test_train_end_finishes_both_streams(monkeypatch):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     monkeypatch.setattr(nnUNetTrainer, "on_train_end", lambda self: None)
-    trainer = SemiSupervisedTrainer.__new__(SemiSupervisedTrainer)
+    import nnunet_plugins.trainers as trainers
+
+    cls = getattr(trainers, trainer_class)
+    trainer = cls.__new__(cls)
     streams = [Stream() for _ in range(3)]
     trainer.dataloader_train = SemiBatchIterator(streams[0], streams[1])
     trainer.dataloader_val = SemiBatchIterator(streams[2])
