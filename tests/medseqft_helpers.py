@@ -17,7 +17,8 @@ TINY_FEATURES = [4, 8, 16, 16, 16, 16]
 
 def medseqft_env(root):
     """nnU-Net folders under ``root``, CPU settings (augmentation in the training process)."""
-    return nnunet_cpu_env(root, augmentation_workers=0, threads=1)
+    # seeded: the tiny runs are reproducible (nnU-Net itself does not seed)
+    return dict(nnunet_cpu_env(root, augmentation_workers=0, threads=1), NNUNET_PLUGINS_SEED="0")
 
 
 def make_datasets(env, cases=6, test_cases=2, shape=(16, 32, 32), datasets=DATASETS, channels=1):

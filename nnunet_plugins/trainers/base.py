@@ -53,7 +53,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import random
 
+import numpy as np
 import torch
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as _nnunet_trainer_module
@@ -87,6 +89,25 @@ def read_run_length_overrides(environ=os.environ) -> dict:
             raise ValueError(f"{variable} must be a positive integer, got {raw!r}")
         overrides[attribute] = value
     return overrides
+
+
+def seed_from_environment(rank: int = 0, environ=os.environ) -> int | None:
+    """Seed Python's, numpy's and torch's generators from ``NNUNET_PLUGINS_SEED`` (numpy: seed + rank, so DDP ranks
+    draw different patches) for reproducible runs; nnU-Net itself does not seed. Returns the seed, or None when
+    the variable is unset. Augmentation worker processes (``nnUNet_n_proc_DA`` > 0) keep their own randomness."""
+    raw = environ.get("NNUNET_PLUGINS_SEED")
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        seed = int(raw)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise ValueError(f"NNUNET_PLUGINS_SEED must be a non-negative integer, got {raw!r}")
+    random.seed(seed)
+    np.random.seed((seed + int(rank)) % 2 ** 32)
+    torch.manual_seed(seed)
+    return seed
 
 
 @contextlib.contextmanager
@@ -124,6 +145,10 @@ class PluginTrainer(nnUNetTrainer):
             setattr(self, attribute, value)
         if overrides:
             self.print_to_log_file(f"Run length from the environment: {overrides}", also_print_to_console=True)
+        seed = seed_from_environment(self.local_rank)
+        if seed is not None:
+            self.print_to_log_file(f"Random seed from NNUNET_PLUGINS_SEED: {seed} (+ rank for numpy)",
+                                   also_print_to_console=True)
         if self.network_class is not None:
             self._adapt_to_network(configuration)
 

@@ -180,8 +180,8 @@ def _full_output_official_order(decoder, bottleneck, skips):
 @pytest.mark.parametrize("patch", [(16, 32, 32), (8, 48, 16)])
 def test_head_before_upsampling_equals_official_order(patch):
     """The decoder applies the 1x1x1 head before the upsampling (cheaper; the two commute): outputs and
-    gradients of every decoder parameter and input equal the official order's (float32, 1e-5)."""
-    net = _tiny(deep_supervision=False, patch_size=patch)
+    gradients of every decoder parameter and input equal the official order's (float64, 1e-5)."""
+    net = _tiny(deep_supervision=False, patch_size=patch).double()   # float64: sums in another order agree
     with torch.no_grad():
         net.decoder.seg_head.bias.normal_()   # a non-zero bias must pass through the upsampling unchanged
     g = torch.Generator().manual_seed(1)
@@ -189,14 +189,14 @@ def test_head_before_upsampling_equals_official_order(patch):
     d, h, w = patch
     chans = (8, 16, 24, 24)
     shapes = [(d, h // 2, w // 2), (d // 2, h // 4, w // 4), (d // 4, h // 8, w // 8), (d // 8, h // 16, w // 16)]
-    feats = [torch.randn(2, c, *s, generator=g) for c, s in zip(chans, shapes)]
+    feats = [torch.randn(2, c, *s, generator=g, dtype=torch.float64) for c, s in zip(chans, shapes)]
     results = []
     for fn in (lambda b, sk: dec(b, sk), lambda b, sk: _full_output_official_order(dec, b, sk)):
         dec.zero_grad()
         xs = [f.clone().requires_grad_(True) for f in feats]
         out = fn(xs[3], [xs[2], xs[1], xs[0]])
         assert out.shape == (2, 3, *patch)
-        probe = torch.linspace(-1, 1, out.numel()).view_as(out)
+        probe = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
         (out * probe).sum().backward()
         results.append((out.detach(), [x.grad for x in xs],
                         {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}))

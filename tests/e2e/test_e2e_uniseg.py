@@ -55,7 +55,7 @@ def trained(tmp_path_factory):
     run_step(console_command("nnUNetv2_plan_and_preprocess") + ["-d", "20", "-c", "3d_fullres", "-np", "2"], env, log)
     pre = os.path.join(env["nnUNet_preprocessed"], "Dataset020_Uni")
     _tiny_plans(pre, [8, 16, 32], [16, 32, 32])
-    train_env = dict(env, nnUNet_n_proc_DA="0", NNUNET_PLUGINS_EPOCHS="3", NNUNET_PLUGINS_ITERS="30",
+    train_env = dict(env, NNUNET_PLUGINS_SEED="0", nnUNet_n_proc_DA="0", NNUNET_PLUGINS_EPOCHS="3", NNUNET_PLUGINS_ITERS="30",
                      NNUNET_PLUGINS_VAL_ITERS="2", NNUNET_PLUGINS_SAVE_EVERY="1")
     train = console_command("nnUNetv2_train") + ["20", "3d_fullres", "0", "-tr", "UniSegTrainer", "-device", "cpu"]
     run_step(train, train_env, log)

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 PLUGINS = [sys.executable, "-m", "nnunet_plugins"]
 DATASET = "Dataset030_Vs"
 TRAINER = "VerSemiTrainer"
-RUN = dict(nnUNet_n_proc_DA="0", NNUNET_PLUGINS_ITERS="20", NNUNET_PLUGINS_VAL_ITERS="2",
+RUN = dict(NNUNET_PLUGINS_SEED="0", nnUNet_n_proc_DA="0", NNUNET_PLUGINS_ITERS="20", NNUNET_PLUGINS_VAL_ITERS="2",
            NNUNET_PLUGINS_SAVE_EVERY="1", NNUNET_PLUGINS_VERSEMI_STAGE2_EPOCH="1")
 FAST_PREDICT = ["-device", "cpu", "--disable-tta", "-npp", "0", "-nps", "0"]
 

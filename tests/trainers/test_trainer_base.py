@@ -166,3 +166,21 @@ def test_optimizer_step_clips_at_the_trainers_norm():
     trainer.optimizer_step(1000 * trainer.network(torch.ones(1, 3)).sum())
     step = torch.cat([(p - b).flatten() for p, b in zip(trainer.network.parameters(), before)])
     assert step.norm().item() == pytest.approx(0.5, rel=1e-5)   # gradient norm 2000 clipped to 0.5 (lr 1)
+
+
+def test_seed_from_environment_makes_draws_repeatable_and_rejects_bad_values():
+    import numpy as np
+    import torch
+
+    from nnunet_plugins.trainers.base import seed_from_environment
+
+    assert seed_from_environment(0, {}) is None
+    draws = []
+    for rank in (0, 0, 1):
+        assert seed_from_environment(rank, {"NNUNET_PLUGINS_SEED": "7"}) == 7
+        draws.append((np.random.rand(), torch.rand(1).item()))
+    assert draws[0] == draws[1]                                       # same seed, same rank: same draws
+    assert draws[2][0] != draws[0][0] and draws[2][1] == draws[0][1]  # numpy differs per rank, torch does not
+    for bad in ("-1", "x"):
+        with pytest.raises(ValueError, match="NNUNET_PLUGINS_SEED must be a non-negative integer"):
+            seed_from_environment(0, {"NNUNET_PLUGINS_SEED": bad})
