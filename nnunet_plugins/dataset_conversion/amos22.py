@@ -61,7 +61,7 @@ def in_task(case: str, task: int) -> bool:
     return task == 2 or is_ct(case)
 
 
-def _check_task(task: int) -> None:
+def check_task(task: int) -> None:
     if task not in (1, 2):
         raise ChallengeError(f"AMOS22 task must be 1 (CT) or 2 (CT and MRI), got {task}")
 
@@ -125,7 +125,7 @@ def convert(release_dir: str, task: int = 2, raw: str | None = None, dataset_id:
             name: str | None = None, merge_validation: bool = True, num_processes: int = 1,
             overwrite: bool = False, tolerance: float = DEFAULT_GEOMETRY_TOLERANCE, progress: bool = True) -> str:
     """Convert the AMOS22 release for task 1 (CT) or 2 (CT + MRI); see the module docstring."""
-    _check_task(task)
+    check_task(task)
     shipped, splits = read_release(release_dir)
     names = label_names(shipped)
     jobs, num_training = [], 0
@@ -202,7 +202,7 @@ def export(pred_dir: str, out_dir: str, images: str, task: int = 2, archive: str
     validation phase takes (``auto``: ``out_dir/amos22_task{task}_submission.zip``). Predictions of cases that are
     not part of the task (MRI cases for task 1) are left out with a note; any other prediction that matches no
     input image is an error unless ``allow_extra``."""
-    _check_task(task)
+    check_task(task)
     refs = reference_images(images, task)
     preds = list_images(pred_dir, (".nii.gz",))
     other_task = sorted(c for c in preds if CASE_PATTERN.match(c) and not in_task(c, task))
@@ -242,5 +242,8 @@ SPEC = Challenge(
         Option(("--task",), "task", _TASK, default=2, type=int, choices=(1, 2)),
         *archive_options("amos22_task<T>_submission.zip")),
     evaluate_options=(
-        Option(("--tolerance-mm",), "tolerance_mm", "NSD tolerance in mm (default 1)", default=1.0, type=float),),
+        Option(("--tolerance-mm",), "tolerance_mm", "NSD tolerance in mm (default 1)", default=1.0, type=float),
+        Option(("--task",), "task", "1 = the CT cases, 2 = the CT and MRI cases of the reference split(s) (default: "
+               "inferred, 2 when any MRI case is predicted, else 1; give 2 so that missing MRI predictions count)",
+               type=int, choices=(1, 2))),
 )

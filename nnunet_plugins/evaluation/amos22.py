@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from nnunet_plugins.dataset_conversion.amos22 import CASE_PATTERN, LABELS, in_task
+from nnunet_plugins.dataset_conversion.amos22 import CASE_PATTERN, LABELS, check_task, in_task
 from nnunet_plugins.dataset_conversion.common import ChallengeError, Geometry, list_images, load_file, nifti_array
 from nnunet_plugins.evaluation.common import (check_prediction_geometry, dice, match_cases, opened_predictions,
                                               output_folder, run_evaluation, unwrap)
@@ -69,33 +69,45 @@ def reference_labels(gt_dir: str) -> dict:
     return refs
 
 
-def reference_set(gt_dir: str, refs: dict, preds: dict) -> dict:
-    """The reference cases the predictions are scored against. A release holds training (labelsTr) and validation
-    (labelsVa) labels: the reference set is the split(s) that hold predicted cases, and only their CT cases when no
-    MRI case is predicted (a task-1 submission); said in a note."""
+def reference_set(gt_dir: str, refs: dict, preds: dict, task: int | None = None) -> tuple[dict, int]:
+    """(the reference cases the predictions are scored against, the task).
+
+    A release holds training (labelsTr) and validation (labelsVa) labels: the reference set is the split(s) that hold
+    predicted cases (a labels folder is one split). Task 1 scores the CT cases, task 2 the CT and MRI cases.
+    ``task=None`` infers it from the predictions: task 2 when any MRI case is predicted, else task 1, said in a note
+    (a task-2 submission that lacks every MRI case is only caught with ``task=2``: its MRI cases are then missing)."""
+    if task is None:
+        task = 2 if any(not in_task(c, 1) for c in preds) else 1
+        how = (f"task {task} inferred from the predictions ("
+               + ("MRI cases predicted" if task == 2 else "no MRI case predicted; pass --task 2 to score them as "
+                  "a task-2 submission") + ")")
+    else:
+        check_task(task)
+        how = f"task {task}"
     splits = [os.path.join(gt_dir, f) for f in ("labelsTr", "labelsVa") if os.path.isdir(os.path.join(gt_dir, f))]
-    if not splits:
-        return refs
-    chosen = {}
-    names = []
+    chosen, names = {}, []
     for folder in splits:
         cases = {c: p for c, p in refs.items() if os.path.dirname(p) == folder}
         if set(cases) & set(preds):
             chosen.update(cases)
             names.append(os.path.basename(folder))
     if not chosen:
-        return refs
-    if not any(not in_task(c, 1) for c in preds):
-        chosen = {c: p for c, p in chosen.items() if in_task(c, 1)}
-        names = [f"{n} (CT cases: task 1)" for n in names]
-    print(f"reference: {', '.join(names)} of {gt_dir}, {len(chosen)} cases")
-    return chosen
+        chosen, names = refs, [os.path.basename(os.path.normpath(gt_dir))]
+    chosen = {c: p for c, p in chosen.items() if in_task(c, task)}
+    if not chosen:
+        raise ChallengeError(f"no AMOS22 reference label of task {task} in {gt_dir}")
+    modalities = "CT cases" if task == 1 else "CT and MRI cases"
+    print(f"reference: {', '.join(names)} of {gt_dir}, {len(chosen)} {modalities}: {how}")
+    return chosen, task
 
 
 def evaluate(pred: str, gt_dir: str, tolerance_mm: float = DEFAULT_TOLERANCE_MM, out_dir: str | None = None,
              num_processes: int = 1, progress: bool = True, verbose: bool = True, missing: str = "error",
-             allow_extra: bool = False) -> dict:
+             allow_extra: bool = False, task: int | None = None) -> dict:
     """Evaluate AMOS22 predictions (a folder or the submission zip of ``amos_XXXX.nii.gz``) against labels.
+
+    ``task``: 1 (CT cases) or 2 (CT and MRI cases) of the reference split(s); None infers it (see
+    :func:`reference_set`).
 
     ``missing`` / ``allow_extra``: see :func:`nnunet_plugins.evaluation.common.match_cases`. The prediction's
     geometry must be the reference's (the organisers' code was not available, so there is no official behaviour to
@@ -107,11 +119,11 @@ def evaluate(pred: str, gt_dir: str, tolerance_mm: float = DEFAULT_TOLERANCE_MM,
         preds = {s: p for s, p in list_images(folder, (".nii.gz",)).items() if CASE_PATTERN.match(s)}
         if not preds:
             raise ChallengeError(f"no AMOS22 predictions (amos_XXXX.nii.gz) in {pred}")
-        refs = reference_set(gt_dir, refs, preds)
+        refs, task = reference_set(gt_dir, refs, preds, task)
         pairs, notes = match_cases(refs, preds, pred, missing, allow_extra)
         items = [(c, {"case": c, "prediction": p, "reference": refs[c], "tolerance_mm": tolerance_mm})
                  for c, p in pairs]
-        meta = {"tolerance_mm": tolerance_mm, "predictions": os.path.abspath(pred),
+        meta = {"task": task, "tolerance_mm": tolerance_mm, "predictions": os.path.abspath(pred),
                 "ground_truth": os.path.abspath(gt_dir), **notes}
         return run_evaluation("amos22", "AMOS22", evaluate_case, items, METRICS, STRUCTURES, out_dir, meta,
                               num_processes, progress, verbose)

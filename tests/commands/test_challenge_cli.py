@@ -54,3 +54,19 @@ def test_help_lists_every_challenge():
         assert r.returncode == 0
         for c in ("kits21", "amos22", "segrap2023") + (() if command == "challenge-infer" else ("myops2020", "kipa22")):
             assert c in r.stdout, (command, c)
+
+
+def test_amos22_evaluate_task_from_the_command_line(tmp_path):
+    rel = str(tmp_path / "rel")
+    assert _cli("synth-release", "amos22", rel).returncode == 0
+    preds = tmp_path / "ct_only"
+    preds.mkdir()
+    os.link(os.path.join(rel, "labelsVa", "amos_0008.nii.gz"), preds / "amos_0008.nii.gz")
+    r = _cli("evaluate", "amos22", str(preds), rel, "-o", str(tmp_path / "ev"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "task 1 inferred from the predictions (no MRI case predicted; pass --task 2" in r.stdout
+    # as a task-2 submission the validation MRI case is missing: one line naming it, exit 2
+    r = _cli("evaluate", "amos22", str(preds), rel, "-o", str(tmp_path / "ev"), "--no-progress", "--task", "2")
+    assert r.returncode == 2 and "missing" in r.stderr and "amos_0510" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("evaluate", "amos22", str(preds), rel, "--task", "3")
+    assert r.returncode == 2 and "invalid choice: 3" in r.stderr

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from nnunet_plugins.dataset_conversion import amos22, kipa22, kits21, myops2020, segrap2023
 from nnunet_plugins.dataset_conversion import synthetic_releases as synth
-from nnunet_plugins.dataset_conversion.common import IncompleteError
+from nnunet_plugins.dataset_conversion.common import ChallengeError, IncompleteError
 from nnunet_plugins.evaluation import amos22 as eval_amos
 from nnunet_plugins.evaluation import kipa22 as eval_kipa
 from nnunet_plugins.evaluation import kits21 as eval_kits
@@ -92,7 +92,28 @@ def test_amos22_roundtrip_validation_zip(tmp_path, task):
         assert out.get_data_dtype() == np.uint8
     ev = eval_amos.evaluate(result["archive"], str(rel), out_dir=str(tmp_path / "ev"), progress=False, verbose=False)
     _all_perfect(ev["summary"])
-    assert [r["case"] for r in ev["rows"]] == val
+    assert [r["case"] for r in ev["rows"]] == val and ev["task"] == task   # inferred from the predictions
+    if task == 1:
+        # a CT-only submission scored as task 2: the validation MRI case counts as missing (listed), or as empty
+        with pytest.raises(ChallengeError, match=r"1 prediction\(s\) of reference cases missing in .*: amos_0510"):
+            eval_amos.evaluate(result["archive"], str(rel), out_dir=str(tmp_path / "ev"), progress=False,
+                               verbose=False, task=2)
+        ev2 = eval_amos.evaluate(result["archive"], str(rel), out_dir=str(tmp_path / "ev"), progress=False,
+                                 verbose=False, task=2, missing="empty")
+        rows = {r["case"]: r for r in ev2["rows"]}
+        assert sorted(rows) == val + ["amos_0510"] and ev2["task"] == 2 and rows["amos_0510"]["modality"] == "MRI"
+        present = np.unique(np.asanyarray(nibabel.load(os.path.join(rel, "labelsVa", "amos_0510.nii.gz")).dataobj))
+        organs = [eval_amos.STRUCTURES[k - 1] for k in present if k > 0]
+        assert organs and all(rows["amos_0510"][f"DSC_{o}"] == 0.0 for o in organs)   # scored as empty
+        assert all(rows["amos_0008"][f"DSC_{o}"] == 1.0 for o in eval_amos.STRUCTURES)
+    else:
+        # task 1 scores the CT cases only: the MRI prediction is an extra (an error unless allowed)
+        with pytest.raises(ChallengeError, match=r"1 prediction\(s\) in .* match no reference case: amos_0510"):
+            eval_amos.evaluate(result["archive"], str(rel), out_dir=str(tmp_path / "ev"), progress=False,
+                               verbose=False, task=1)
+        ev1 = eval_amos.evaluate(result["archive"], str(rel), out_dir=str(tmp_path / "ev"), progress=False,
+                                 verbose=False, task=1, allow_extra=True)
+        assert [r["case"] for r in ev1["rows"]] == ["amos_0008"] and ev1["extra_predictions"] == ["amos_0510"]
     # the completeness check lists every missing case
     if task == 2:
         os.remove(os.path.join(preds, "amos_0008.nii.gz"))
