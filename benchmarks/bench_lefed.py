@@ -5,9 +5,9 @@ forward of encoder + both decoders on L + U = 2 + 2 patches (with the previous p
 pass 2 on), the labeled loss (deep-supervised Dice + CE on decoder 1, Dice + CE on decoder 2, labeled samples) +
 MSE(softmax p1, softmax p2) on all samples, backward, clipping at 12, an SGD step. The baseline is nnU-Net's
 default step on ``PlainConvUNet`` of the SAME plans (nnU-Net 2.8's default topology for the patch, 32..320
-features) with batch 2 (the labeled patches). Both are timed in this process, interleaved after a warm-up; the
-ratio LeFeD / nnU-Net is printed, also per optimiser step (LeFeD takes K per iteration). Memory: peak CUDA
-memory, or on CPU the growth of the peak RSS in a fresh process per model.
+features) with batch 2 (the labeled patches; ``--batch B``: LeFeD then takes B + B). Both are timed in this
+process, interleaved after a warm-up; the ratio LeFeD / nnU-Net is printed, also per optimiser step (LeFeD takes K
+per iteration). Memory: peak CUDA memory, or on CPU the growth of the peak RSS in a fresh process per model.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_lefed.py [--patch 16 64 64] [--device cpu|cuda]
 
@@ -21,7 +21,6 @@ the held-out Dice of both (a report, not a check).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -31,32 +30,21 @@ import torch
 import torch.nn.functional as F
 
 from bench_banet_step import ds_loss, plans_arguments
-from common import cpu_peak_rss, print_cpu_memory, time_steps
+from common import cpu_peak_rss, parse_step_args, print_cpu_memory, step_parser, time_steps
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--patch", type=int, nargs=3, default=None, help="D H W (default 16 64 64 CPU, 128 128 128 CUDA)")
+    p = step_parser(__doc__.split("\n\n")[0], [16, 64, 64], [128, 128, 128])
     p.add_argument("--classes", type=int, default=2, help="output classes incl. background (LA, Pancreas: 2)")
     p.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0])
     p.add_argument("--passes", type=int, default=3, help="K, LeFeD's passes per batch")
-    p.add_argument("--iters", type=int, default=3, help="timed iterations per model (median); with --dice: "
-                                                         "training iterations per epoch")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--no-amp", action="store_true", help="disable autocast on CUDA")
-    p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-RSS child processes")
-    p.add_argument("--dice", metavar="ROOT", default=None, help="run the held-out Dice comparison under ROOT")
+    p.add_argument("--dice", metavar="ROOT", default=None, help="run the held-out Dice comparison under ROOT "
+                   "(--iters is then the training iterations per epoch)")
     p.add_argument("--cases", type=int, default=20)
     p.add_argument("--labeled", default="4")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--shape", type=int, nargs=3, default=[24, 64, 64], help="synthetic image size (--dice)")
-    args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.patch is None:
-        args.patch = [128, 128, 128] if args.device.startswith("cuda") else [16, 64, 64]
-    args.amp = args.device.startswith("cuda") and not args.no_amp
-    return args
+    return parse_step_args(p, argv)
 
 
 def build(name, args):
@@ -72,9 +60,9 @@ def build(name, args):
     net = net.to(args.device).train()
     opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
     g = torch.Generator().manual_seed(1)
-    batch = 4 if lefed else 2          # L + U = 2 + 2 for LeFeD, the 2 labeled patches for nnU-Net
+    batch = 2 * args.batch if lefed else args.batch   # L + U = --batch labeled + as many unlabeled for LeFeD
     x = torch.randn(batch, 1, *patch, generator=g).to(args.device)
-    coarse = torch.randint(0, args.classes, (2, 1, *[max(1, p // 8) for p in patch]), generator=g)
+    coarse = torch.randint(0, args.classes, (args.batch, 1, *[max(1, p // 8) for p in patch]), generator=g)
     y = F.interpolate(coarse.float(), size=patch, mode="nearest")
     sizes = [[p // int(s) for p, s in zip(patch, cum)] for cum in np.cumprod(kwargs["strides"], 0)[:-1]]
     targets = [F.interpolate(y, size=s, mode="nearest-exact").to(args.device) for s in sizes]
@@ -100,8 +88,8 @@ def build(name, args):
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.float16, enabled=args.amp):
                 out = net(x, feedback=feedback, both=True)
-                lab = [o[:2] for o in [out.seg1, *out.side1]]
-                total = loss(lab, targets) + loss.loss(out.seg2[:2], targets[0]) + F.mse_loss(
+                lab = [o[:args.batch] for o in [out.seg1, *out.side1]]
+                total = loss(lab, targets) + loss.loss(out.seg2[:args.batch], targets[0]) + F.mse_loss(
                     torch.softmax(out.seg1.float(), 1), torch.softmax(out.seg2.float(), 1))
             optimiser_step(total)
             feedback = discrepancy_feedback(out.features1, out.features2)
@@ -119,8 +107,8 @@ def step_benchmark(args, argv):
         nets[name], patch, kwargs, steps[name] = build(name, args)
     params = {k: sum(p.numel() for p in v.parameters()) for k, v in nets.items()}
     print(f"device {args.device}{' (AMP fp16)' if args.amp else ''}, threads {torch.get_num_threads()}, "
-          f"patch {patch}, {kwargs['n_stages']} stages, {args.classes} classes; LeFeD K={args.passes}, batch 2+2; "
-          f"nnU-Net batch 2")
+          f"patch {patch}, {kwargs['n_stages']} stages, {args.classes} classes; LeFeD K={args.passes}, batch "
+          f"{args.batch}+{args.batch}; nnU-Net batch {args.batch}")
     print(f"parameters: LeFeD training {params['LeFeD'] / 1e6:.2f}M (inference = nnU-Net's), "
           f"nnU-Net {params['nnU-Net'] / 1e6:.2f}M (ratio {params['LeFeD'] / params['nnU-Net']:.2f})")
     med, peak_cuda = time_steps(steps, args.device, args.iters)

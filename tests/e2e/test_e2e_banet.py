@@ -35,8 +35,11 @@ LEARN_NAME = "Dataset513_BANetLearn"
 LEARN_TEST_CASES = ("BANetLearn_008", "BANetLearn_009")
 LEARN_SEED = 1
 # Held-out Dice (2 cases x 2 structures) after 4 epochs x 30 iterations, measured on 2 CPU cores: mean
-# 0.954-0.969 and every value >= 0.926 over 7 runs (dataset seeds 1-5, seed 1 three times); the same run
-# with 1 iteration per epoch (4 in all) scores a mean of 0.048 (its training loss still drops by > 0.1).
+# 0.954-0.969 and every value >= 0.926 over 7 unseeded runs (dataset seeds 1-5, seed 1 three times), mean
+# 0.953-0.977 (every value >= 0.941) with NNUNET_PLUGINS_SEED 0-3; the same run with 1 iteration per epoch
+# (4 in all) scores a mean of 0.048 (its training loss still drops by > 0.1). One unseeded CI run missed the
+# second structure (mean 0.625), so the training runs seeded (TRAIN_SEED): reproducible on CI.
+TRAIN_SEED = "0"
 LEARN_MIN_MEAN_DICE = 0.85
 LEARN_MIN_DICE = 0.7  # every structure in every case: a model that misses one structure fails too
 
@@ -67,7 +70,7 @@ def e2e_env(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("banet_e2e")
     env = nnunet_cpu_env(root, threads=1)
-    env.update(NNUNET_PLUGINS_VAL_ITERS="2", NNUNET_PLUGINS_SAVE_EVERY="1")
+    env.update(NNUNET_PLUGINS_VAL_ITERS="2", NNUNET_PLUGINS_SAVE_EVERY="1", NNUNET_PLUGINS_SEED=TRAIN_SEED)
     return env, str(root / "log.txt")
 
 

@@ -26,7 +26,7 @@ TINY_COTR = {"stage_channels": [8, 24, 48, 48], "blocks_per_stage": [1, 1, 1], "
 
 def test_cotr_plan_train_continue_predict(nnunet_env, tmp_path):
     env = dict(nnunet_env, NNUNET_PLUGINS_EPOCHS="4", NNUNET_PLUGINS_ITERS="30", NNUNET_PLUGINS_VAL_ITERS="2",
-               NNUNET_PLUGINS_SAVE_EVERY="1")
+               NNUNET_PLUGINS_SAVE_EVERY="1", NNUNET_PLUGINS_SEED="0")  # seeded: reproducible on CI
     log = str(tmp_path / "log.txt")
     raw = env["nnUNet_raw"]
     folder = generate_dataset(raw, dataset_id=501, num_cases=8, num_test=2, shape=(16, 48, 48),

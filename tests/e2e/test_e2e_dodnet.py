@@ -11,7 +11,6 @@ not fit either network and the trainers round it to (16, 32, 32).
 """
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 from nnunet_plugins.runner import console_command, run_step
 from nnunet_plugins.synthetic import generate_dataset
 
-from e2e_helpers import assert_same_geometry, dice
+from e2e_helpers import assert_same_geometry, check_multitask_exports_and_stock_refusal, dice
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +38,8 @@ TINY = {
                             "d_model": 24, "n_heads": 4, "d_ffn": 48, "num_encoder_layers": 1, "num_decoder_layers": 1,
                             "n_levels": 2, "n_points": 2, "decoder_channels": [8, 16, 16, 16], "head_channels": 8}),
 }
-RUN = dict(nnUNet_n_proc_DA="0", NNUNET_PLUGINS_EPOCHS="3", NNUNET_PLUGINS_ITERS="20", NNUNET_PLUGINS_VAL_ITERS="2",
-           NNUNET_PLUGINS_SAVE_EVERY="1")
+RUN = dict(NNUNET_PLUGINS_SEED="0", nnUNet_n_proc_DA="0", NNUNET_PLUGINS_EPOCHS="3", NNUNET_PLUGINS_ITERS="20",
+           NNUNET_PLUGINS_VAL_ITERS="2", NNUNET_PLUGINS_SAVE_EVERY="1")
 FAST_PREDICT = ["-device", "cpu", "--disable-tta", "-npp", "0", "-nps", "0"]
 
 
@@ -136,9 +135,12 @@ def _predict_and_check(combined, trainer, plans_name, out_name):
 
 @pytest.fixture(scope="module")
 def dodnet(combined):
-    model, plans_name = _train(combined, "DoDNetTrainer")
+    # 4 x 30 iterations: with 20 the liver task was still unlearned after 4 epochs for 1 seed in 4 (seeds 0-3:
+    # liver organ Dice 0.0 / 0.94 / 0.92 / 0.92); with 30, seeds 0 and 1 give every structure >= 0.85
+    run = {"NNUNET_PLUGINS_ITERS": "30"}
+    model, plans_name = _train(combined, "DoDNetTrainer", run)
     first = torch.load(os.path.join(model, "fold_0", "checkpoint_final.pth"), map_location="cpu", weights_only=False)
-    _train(combined, "DoDNetTrainer", {"NNUNET_PLUGINS_EPOCHS": "4"}, ["--c"])
+    _train(combined, "DoDNetTrainer", {**run, "NNUNET_PLUGINS_EPOCHS": "4"}, ["--c"])
     return {"model": model, "plans": plans_name, "first": first}
 
 
@@ -165,30 +167,13 @@ def test_dodnet_trains_continues_predicts_and_exports_source_labels(combined, do
     assert losses[-1] < losses[0], losses
     assert np.mean(list(dices.values())) > 0.5, dices
 
-    # export-multitask: nnU-Net's validation folder (combined labels) -> each source's labels and names
+    # export-multitask of nnU-Net's validation folder (combined labels) -> each source's labels; nnU-Net's own
+    # predictor cannot pass a task: it must fail clearly, not predict some task
     env, log, root = combined["env"], combined["log"], combined["root"]
-    val = os.path.join(model, "fold_0", "validation")
-    exported = str(root / "val_src")
-    run_step(PLUGINS + ["export-multitask", "-i", val, "-o", exported, "-d", "20"], env, log)
-    val_cases = sorted(f[:-len(".nii.gz")] for f in os.listdir(val) if f.endswith(".nii.gz"))
-    assert val_cases
-    for case in val_cases:
-        tag, source_case = case.split("_", 1)
-        combined_pred = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(val, case + ".nii.gz")))
-        got = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(exported, tag, source_case + ".nii.gz")))
-        offset = 0 if tag == "Liv" else 2
-        np.testing.assert_array_equal(got, np.where(combined_pred > 0, combined_pred - offset, 0))
-        assert set(np.unique(got)) <= ({0, 1, 2} if tag == "Liv" else {0, 1})
-
-    # nnU-Net's own predictor cannot pass a task: it must fail clearly, not predict some task
-    combined_ts = os.path.join(env["nnUNet_raw"], DATASET, "imagesTs")
-    res = subprocess.run(console_command("nnUNetv2_predict") + ["-i", combined_ts, "-o", str(root / "stock"), "-d",
-                                                                "20", "-c", "3d_fullres", "-f", "0", "-tr",
-                                                                "DoDNetTrainer", "-p", dodnet["plans"], "-device",
-                                                                "cpu", "-npp", "1", "-nps", "1",
-                                                                "--disable_progress_bar"],
-                         env=env, capture_output=True, text=True)
-    assert res.returncode != 0 and "predict-multitask" in res.stdout + res.stderr
+    check_multitask_exports_and_stock_refusal(os.path.join(model, "fold_0"), 20, "DoDNetTrainer", dodnet["plans"],
+                                              os.path.join(env["nnUNet_raw"], DATASET, "imagesTs"), str(root), env,
+                                              log, offsets={"Liv": 0, "Spl": 2},
+                                              source_values={"Liv": {0, 1, 2}, "Spl": {0, 1}})
 
 
 def test_transdodnet_trains_and_predicts(combined):

@@ -44,7 +44,7 @@ def _narrow(plans_file, features):
 def test_lefed_semi_supervised_train_continue_predict(tmp_path):
     env = nnunet_cpu_env(tmp_path, threads=1)
     env.update(NNUNET_PLUGINS_VAL_ITERS="1", NNUNET_PLUGINS_SAVE_EVERY="1", NNUNET_PLUGINS_ITERS="8",
-               nnUNet_def_n_proc="1")
+               nnUNet_def_n_proc="1", NNUNET_PLUGINS_SEED="0")  # seeded: reproducible on CI
     log = str(tmp_path / "log.txt")
     plugins = [sys.executable, "-m", "nnunet_plugins"]
     run_step(plugins + ["synth", "-d", str(DATASET_ID), "--name", "LeFeDSynth", "--cases", "12", "--test-cases", "2",

@@ -10,7 +10,6 @@ The plans' U-Net is narrowed to CPU-test widths through its arch_kwargs (same pr
 """
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from nnunet_plugins.runner import console_command, run_step
 from nnunet_plugins.synthetic import generate_dataset
 
-from e2e_helpers import dice
+from e2e_helpers import check_multitask_exports_and_stock_refusal, dice
 
 pytestmark = pytest.mark.slow
 
@@ -122,23 +121,7 @@ def test_versemi_trains_through_the_stage_switch_continues_and_predicts(versemi)
     # structure of "Two" is learned last: it enters the mean only)
     assert dices["Two:1"] > 0.5 and dices["One:1"] > 0.7 and np.mean(list(dices.values())) > 0.5, dices
 
-    # export-multitask: the final validation (combined labels) -> each source's labels
-    val = os.path.join(model, "fold_0", "validation")
-    exported = str(root / "val_src")
-    run_step(PLUGINS + ["export-multitask", "-i", val, "-o", exported, "-d", "30"], env, log)
-    val_cases = sorted(f[:-len(".nii.gz")] for f in os.listdir(val) if f.endswith(".nii.gz"))
-    assert val_cases
-    for case in val_cases:
-        tag, source_case = case.split("_", 1)
-        combined_pred = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(val, case + ".nii.gz")))
-        got = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(exported, tag, source_case + ".nii.gz")))
-        offset = 0 if tag == "Two" else 2
-        np.testing.assert_array_equal(got, np.where(combined_pred > 0, combined_pred - offset, 0))
-
-    # the stock predictor cannot pass a task: it fails with the multi-task networks' message
-    res = subprocess.run(console_command("nnUNetv2_predict") + ["-i", combined_ts, "-o", str(root / "stock"), "-d",
-                                                                "30", "-c", "3d_fullres", "-f", "0", "-tr", TRAINER,
-                                                                "-p", "nnUNetPlans_vs", "-device", "cpu", "-npp", "1",
-                                                                "-nps", "1", "--disable_progress_bar"],
-                         env=env, capture_output=True, text=True)
-    assert res.returncode != 0 and "predict-multitask" in res.stdout + res.stderr
+    # export-multitask of the final validation; the stock predictor fails with the multi-task message
+    check_multitask_exports_and_stock_refusal(os.path.join(model, "fold_0"), 30, TRAINER, "nnUNetPlans_vs",
+                                              combined_ts, str(root), env, log, offsets={"Two": 0, "One": 2},
+                                              source_values={"Two": {0, 1, 2}, "One": {0, 1}})
