@@ -29,6 +29,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--task", default=None, help="multi-task models: raw images of this source task (tag or id)")
     p.add_argument("-np", "--num-processes", type=int, default=default_num_processes(),
                    help=f"parallel processes (default {default_num_processes()}: $nnUNet_def_n_proc)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=guarded("check-input")(run))
 
 
@@ -56,7 +57,8 @@ def run(args) -> int:
     from nnunet_plugins.dataset_conversion.input_check import check_model_inputs
 
     folder = model_or_dataset_folder(args.dataset, args.trainer, args.plans, args.configuration)
-    result = check_model_inputs(folder, args.input, args.task, num_processes=args.num_processes, progress=True)
+    result = check_model_inputs(folder, args.input, args.task, num_processes=args.num_processes,
+                                progress=args.progress)
     print(f"{args.input}: {len(result['cases'])} case(s) with {result['num_channels']} channel(s) each "
           f"(*{result['file_ending']}, checked against {folder}); reader {result['reader']}; every file decodes "
           "completely; the channels of each case share their geometry")

@@ -96,6 +96,9 @@ def test_check_input_command(tmp_path):
     r = _cli("check-input", "-d", "77", "-i", str(images), "-np", "1", env=env)
     assert r.returncode == 0, r.stderr
     assert "2 case(s) with 2 channel(s) each" in r.stdout and "reader SimpleITKIO" in r.stdout
+    assert "2/2" in r.stderr   # the progress bar, unless --no-progress
+    r = _cli("check-input", "-d", "77", "-i", str(images), "-np", "1", "--no-progress", env=env)
+    assert r.returncode == 0 and "2 case(s) with 2 channel(s) each" in r.stdout and r.stderr == "", r.stderr
     os.remove(images / "c2_0001.nii.gz")
     r = _cli("check-input", "-d", "77", "-i", str(images), "-np", "1", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
