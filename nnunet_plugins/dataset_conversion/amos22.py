@@ -243,7 +243,8 @@ SPEC = Challenge(
         *archive_options("amos22_task<T>_submission.zip")),
     evaluate_options=(
         Option(("--tolerance-mm",), "tolerance_mm", "NSD tolerance in mm (default 1)", default=1.0, type=float),
-        Option(("--task",), "task", "1 = the CT cases, 2 = the CT and MRI cases of the reference split(s) (default: "
-               "inferred, 2 when any MRI case is predicted, else 1; give 2 so that missing MRI predictions count)",
+        Option(("--task",), "task", "1 = the CT cases, 2 = the CT and MRI cases of the reference (default: a labels "
+               "folder as given; for a release 2 when any MRI case is predicted, else 1: give 2 so that missing MRI "
+               "predictions count)",
                type=int, choices=(1, 2))),
 )

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from nnunet_plugins.dataset_conversion.amos22 import CASE_PATTERN, LABELS, check_task, in_task
+from nnunet_plugins.dataset_conversion.amos22 import CASE_PATTERN, LABELS, check_task, in_task, is_ct
 from nnunet_plugins.dataset_conversion.common import ChallengeError, Geometry, list_images, load_file, nifti_array
 from nnunet_plugins.evaluation.common import (check_prediction_geometry, dice, match_cases, opened_predictions,
                                               output_folder, run_evaluation, unwrap)
@@ -73,17 +73,10 @@ def reference_set(gt_dir: str, refs: dict, preds: dict, task: int | None = None)
     """(the reference cases the predictions are scored against, the task).
 
     A release holds training (labelsTr) and validation (labelsVa) labels: the reference set is the split(s) that hold
-    predicted cases (a labels folder is one split). Task 1 scores the CT cases, task 2 the CT and MRI cases.
-    ``task=None`` infers it from the predictions: task 2 when any MRI case is predicted, else task 1, said in a note
-    (a task-2 submission that lacks every MRI case is only caught with ``task=2``: its MRI cases are then missing)."""
-    if task is None:
-        task = 2 if any(not in_task(c, 1) for c in preds) else 1
-        how = (f"task {task} inferred from the predictions ("
-               + ("MRI cases predicted" if task == 2 else "no MRI case predicted; pass --task 2 to score them as "
-                  "a task-2 submission") + ")")
-    else:
-        check_task(task)
-        how = f"task {task}"
+    predicted cases, and ``task=None`` takes the task of the predictions (2 when any MRI case is predicted, else 1;
+    a task-2 submission that lacks every MRI case is only caught with ``task=2``: its MRI cases are then missing).
+    A labels folder is the reference set as given (``task=None``: every case in it). Task 1 scores the CT cases,
+    task 2 the CT and MRI cases; the choice is printed."""
     splits = [os.path.join(gt_dir, f) for f in ("labelsTr", "labelsVa") if os.path.isdir(os.path.join(gt_dir, f))]
     chosen, names = {}, []
     for folder in splits:
@@ -91,8 +84,19 @@ def reference_set(gt_dir: str, refs: dict, preds: dict, task: int | None = None)
         if set(cases) & set(preds):
             chosen.update(cases)
             names.append(os.path.basename(folder))
+    # a release: the task of the predictions; a labels folder (or no split with a predicted case): every reference
+    inferred_from = "the predictions" if chosen else "the references"
     if not chosen:
         chosen, names = refs, [os.path.basename(os.path.normpath(gt_dir))]
+    if task is None:
+        has_mri = any(not is_ct(c) for c in (preds if inferred_from == "the predictions" else chosen))
+        task = 2 if has_mri else 1
+        how = f"task {task} inferred from {inferred_from}"
+        if task == 1 and inferred_from == "the predictions":
+            how += " (no MRI case predicted; pass --task 2 to score them as a task-2 submission)"
+    else:
+        check_task(task)
+        how = f"task {task}"
     chosen = {c: p for c, p in chosen.items() if in_task(c, task)}
     if not chosen:
         raise ChallengeError(f"no AMOS22 reference label of task {task} in {gt_dir}")

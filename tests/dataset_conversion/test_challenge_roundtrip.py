@@ -102,6 +102,10 @@ def test_amos22_roundtrip_validation_zip(tmp_path, task):
                                  verbose=False, task=2, missing="empty")
         rows = {r["case"]: r for r in ev2["rows"]}
         assert sorted(rows) == val + ["amos_0510"] and ev2["task"] == 2 and rows["amos_0510"]["modality"] == "MRI"
+        # a labels folder is the reference set as given: its MRI case is missing without --task as well
+        with pytest.raises(ChallengeError, match=r"1 prediction\(s\) of reference cases missing in .*: amos_0510"):
+            eval_amos.evaluate(result["archive"], os.path.join(rel, "labelsVa"), out_dir=str(tmp_path / "ev"),
+                               progress=False, verbose=False)
         present = np.unique(np.asanyarray(nibabel.load(os.path.join(rel, "labelsVa", "amos_0510.nii.gz")).dataobj))
         organs = [eval_amos.STRUCTURES[k - 1] for k in present if k > 0]
         assert organs and all(rows["amos_0510"][f"DSC_{o}"] == 0.0 for o in organs)   # scored as empty
